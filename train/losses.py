@@ -1,0 +1,756 @@
+"""Task and distillation losses, a registry of them by name, and a weighted combiner.
+
+Every loss is a small ``nn.Module`` with two entry points:
+
+* ``forward(...)`` on plain tensors (what the tests pin), and
+* ``compute(student, teacher, batch)`` on :class:`~vlkd.train.model.VLOutput` objects and the
+  batch dict (what :class:`LossCombiner` calls).
+
+A training recipe declares its terms in YAML, torchdistill style; each term has a ``type``
+(a registry name), a ``weight`` and ``params`` for the constructor::
+
+    losses:
+      task:      {type: masked_token_ce, weight: 1.0, params: {label_smoothing: 0.1}}
+      attention: {type: attention_mse,   weight: 1.0, params: {layer_map: uniform}}
+      hidden:    {type: hidden_infonce,  weight: 1.0, params: {queue_size: 4096, temperature: 0.07}}
+      logits:    {type: logit_kd,        weight: 0.0, params: {temperature: 2.0}}
+
+    combiner = LossCombiner.from_config(cfg["losses"], student_cfg, teacher_cfg)
+    s_out = student(batch, task="caption", **combiner.output_flags())
+    with torch.no_grad():
+        t_out = teacher(batch, task="caption", **combiner.output_flags())
+    total, terms = combiner(s_out, t_out, batch)   # terms: {"task": ..., "attention": ...}
+
+Some losses own parameters (the InfoNCE and MSE projections) and state (the InfoNCE queue of
+negatives): give ``combiner.parameters()`` to the optimizer and save ``combiner.state_dict()``
+in checkpoints.
+
+Layer maps (``layer_map``) pair a student layer s with a teacher layer t, numbered from 1
+(layer outputs / attention of layer s); for hidden states 0 is the embedding output.
+``uniform``: (s, s·k) with k = L_T / L_S (must divide); ``last``: (L_S, L_T); or an explicit list
+``[[s, t], ...]``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kd_queue import TokenQueue
+
+if TYPE_CHECKING:  # the model module pulls in transformers; the losses work on tensors alone
+    from .model import VLConfig, VLOutput
+
+#: Label meaning "no prediction here" (torch's cross-entropy default; model.IGNORE_INDEX).
+IGNORE_INDEX = -100
+
+__all__ = [
+    "KDLoss",
+    "LOSSES",
+    "register_loss",
+    "build_loss",
+    "resolve_layer_map",
+    "MaskedTokenLoss",
+    "VQABCELoss",
+    "ITMLoss",
+    "AttentionMSELoss",
+    "HiddenInfoNCELoss",
+    "HiddenMSELoss",
+    "LogitKDLoss",
+    "LossCombiner",
+]
+
+LayerMapSpec = str | Sequence[Sequence[int]]
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+
+#: Loss classes by registry name. Contract: a subclass of :class:`KDLoss` whose
+#: ``from_config(params, student_config, teacher_config)`` builds it from a YAML ``params``
+#: mapping and whose ``compute(student, teacher, batch)`` returns a scalar tensor.
+LOSSES: dict[str, type["KDLoss"]] = {}
+
+
+def register_loss(name: str) -> Callable[[type["KDLoss"]], type["KDLoss"]]:
+    """Class decorator adding a loss to :data:`LOSSES` under ``name``."""
+    def deco(cls: type["KDLoss"]) -> type["KDLoss"]:
+        if name in LOSSES:
+            raise KeyError(f"register_loss: {name!r} is already registered by {LOSSES[name]}")
+        cls.registry_name = name
+        LOSSES[name] = cls
+        return cls
+    return deco
+
+
+def build_loss(type_name: str, params: Mapping[str, Any] | None = None,
+               student_config: VLConfig | None = None,
+               teacher_config: VLConfig | None = None) -> "KDLoss":
+    """Builds a registered loss from its name and YAML params."""
+    if type_name not in LOSSES:
+        raise KeyError(f"unknown loss type {type_name!r}; registered: {sorted(LOSSES)}")
+    return LOSSES[type_name].from_config(dict(params or {}), student_config, teacher_config)
+
+
+class KDLoss(nn.Module):
+    """Base of the registered losses."""
+
+    registry_name: str = ""
+    #: Whether ``compute`` reads the teacher's output.
+    needs_teacher: bool = False
+
+    @classmethod
+    def from_config(cls, params: dict[str, Any], student_config: VLConfig | None,
+                    teacher_config: VLConfig | None) -> "KDLoss":
+        return cls(**params)
+
+    def compute(self, student: VLOutput, teacher: VLOutput | None,
+                batch: Mapping[str, Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def output_flags(self) -> dict[str, bool]:
+        """Model outputs this loss reads (ORed by :meth:`LossCombiner.output_flags`)."""
+        return {}
+
+
+def _batch_tensor(batch: Mapping[str, Any], key: str, loss: str, device: torch.device) -> torch.Tensor:
+    if batch.get(key) is None:
+        raise KeyError(f"{loss}: the batch has no {key!r}; the task's collator must provide it")
+    return batch[key].to(device)
+
+
+def _require_teacher(teacher: VLOutput | None, loss: str) -> VLOutput:
+    if teacher is None:
+        raise ValueError(f"{loss} needs the teacher's output; pass a teacher (vlkd-train "
+                         f"distill) or drop this term from the loss config")
+    return teacher
+
+
+def resolve_layer_map(spec: LayerMapSpec, num_student: int, num_teacher: int,
+                      include_embeddings: bool = False) -> list[tuple[int, int]]:
+    """Turns a layer-map spec into (student layer, teacher layer) pairs, numbered from 1.
+
+    Args:
+        spec: ``"uniform"``, ``"last"`` or explicit ``[[s, t], ...]``.
+        num_student: L_S.
+        num_teacher: L_T.
+        include_embeddings: Allow layer 0 (the embedding output; hidden states only) and, for
+            ``uniform``, prepend the pair (0, 0).
+
+    Returns:
+        The pairs, in order.
+    """
+    low = 0 if include_embeddings else 1
+    if isinstance(spec, str):
+        if spec == "uniform":
+            if num_teacher % num_student:
+                raise ValueError(
+                    f"layer_map 'uniform' needs L_T divisible by L_S, got teacher {num_teacher} "
+                    f"and student {num_student} layers; give explicit pairs [[s, t], ...]")
+            k = num_teacher // num_student
+            pairs = [(s, s * k) for s in range(1, num_student + 1)]
+            return ([(0, 0)] if include_embeddings else []) + pairs
+        if spec == "last":
+            return [(num_student, num_teacher)]
+        raise ValueError(f"layer_map must be 'uniform', 'last' or [[s, t], ...], got {spec!r}")
+    pairs = [(int(s), int(t)) for s, t in spec]
+    if not pairs:
+        raise ValueError("layer_map: the explicit pair list is empty")
+    for s, t in pairs:
+        if not (low <= s <= num_student and low <= t <= num_teacher):
+            raise ValueError(
+                f"layer_map pair {[s, t]} is out of range: student layers {low}..{num_student}, "
+                f"teacher layers {low}..{num_teacher} (0 is the embedding output, hidden states "
+                f"only, with include_embeddings: true)")
+    return pairs
+
+
+def _pair_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) token mask or (B, L, L) pair mask → (B, L, L) bool pair mask."""
+    mask = mask.bool()
+    return mask.unsqueeze(2) & mask.unsqueeze(1) if mask.dim() == 2 else mask
+
+
+# --------------------------------------------------------------------------------------------
+# Task losses
+# --------------------------------------------------------------------------------------------
+
+@register_loss("masked_token_ce")
+class MaskedTokenLoss(KDLoss):
+    r"""Masked-token cross-entropy with label smoothing, over predicted positions only.
+
+    For every position n with a label (``!= -100``) and vocabulary size V, with the target
+    distribution :math:`q_v = 1-\varepsilon` at the label and :math:`\varepsilon/(V-1)`
+    elsewhere (Oscar's captioning smoothing):
+
+    .. math:: \mathcal{L} = \frac{1}{N}\sum_n \sum_v -q_{n,v}\,\log \mathrm{softmax}(z_n)_v
+
+    (Oscar writes it as the KL divergence, which differs by the constant entropy of q.)
+    Used for masked LM over text and tags (pre-training) and for captioning.
+
+    Example config::
+
+        task: {type: masked_token_ce, weight: 1.0, params: {label_smoothing: 0.1}}
+
+    Args:
+        label_smoothing: ε in [0, 1).
+    """
+
+    def __init__(self, label_smoothing: float = 0.0):
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"masked_token_ce: label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing = float(label_smoothing)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            logits: (..., V).
+            labels: (...) long, -100 where nothing is predicted.
+
+        Returns:
+            Scalar loss (0 with a graph when nothing is predicted).
+        """
+        vocab = logits.shape[-1]
+        logits, labels = logits.reshape(-1, vocab), labels.reshape(-1).to(logits.device)
+        keep = labels != IGNORE_INDEX
+        logits, labels = logits[keep], labels[keep]
+        if labels.numel() == 0:
+            return logits.sum() * 0.0
+        logp = F.log_softmax(logits.float(), dim=-1)
+        nll = -logp.gather(1, labels[:, None]).squeeze(1)
+        if self.label_smoothing == 0.0:
+            return nll.mean()
+        eps = self.label_smoothing
+        others = -(logp.sum(dim=1)) - nll  # Σ_{v≠y} -log p_v
+        return ((1.0 - eps) * nll + eps / (vocab - 1) * others).mean()
+
+    def compute(self, student, teacher, batch):
+        if student.mlm_logits is None:
+            raise ValueError("masked_token_ce: the model output has no mlm_logits; run the "
+                             "model with task='mlm', 'caption' or 'pretrain'")
+        labels = _batch_tensor(batch, "mlm_labels", "masked_token_ce", student.mlm_logits.device)
+        if student.mlm_logits.dim() == 2:  # logits only at the prediction positions
+            from .model import prediction_positions
+            labels = labels[prediction_positions(batch).to(labels.device)]
+        return self(student.mlm_logits, labels)
+
+
+@register_loss("vqa_bce")
+class VQABCELoss(KDLoss):
+    r"""VQA binary cross-entropy over soft answer scores, scaled by the answer count (Oscar's
+    ``instance_bce_with_logits``). For logits z (B, A) and soft scores y (B, A) in [0, 1]:
+
+    .. math:: \mathcal{L} = A \cdot \frac{1}{BA}\sum_{b,a}
+              -\big[y_{ba}\log\sigma(z_{ba}) + (1-y_{ba})\log(1-\sigma(z_{ba}))\big]
+
+    Example config::
+
+        task: {type: vqa_bce, weight: 1.0}
+    """
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """logits (B, A), targets (B, A) → scalar."""
+        targets = targets.to(device=logits.device, dtype=torch.float32)
+        bce = F.binary_cross_entropy_with_logits(logits.float(), targets)
+        return bce * logits.shape[-1]
+
+    def compute(self, student, teacher, batch):
+        if student.vqa_logits is None:
+            raise ValueError("vqa_bce: the model output has no vqa_logits; run it with task='vqa'")
+        return self(student.vqa_logits, _batch_tensor(batch, "vqa_targets", "vqa_bce",
+                                                      student.vqa_logits.device))
+
+
+@register_loss("itm_ce")
+class ITMLoss(KDLoss):
+    r"""Image-text matching cross-entropy on the pooled [CLS] (Oscar's contrastive tag swap):
+    :math:`\mathcal{L} = \frac{1}{B}\sum_b -\log\mathrm{softmax}(z_b)_{y_b}`.
+
+    Example config::
+
+        itm: {type: itm_ce, weight: 1.0}
+    """
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """logits (B, C), labels (B,) → scalar."""
+        return F.cross_entropy(logits.float(), labels.to(logits.device))
+
+    def compute(self, student, teacher, batch):
+        if student.itm_logits is None:
+            raise ValueError("itm_ce: the model output has no itm_logits; run it with task='itm' "
+                             "or 'pretrain'")
+        return self(student.itm_logits, _batch_tensor(batch, "itm_labels", "itm_ce",
+                                                      student.itm_logits.device))
+
+
+# --------------------------------------------------------------------------------------------
+# Distillation losses
+# --------------------------------------------------------------------------------------------
+
+@register_loss("attention_mse")
+class AttentionMSELoss(KDLoss):
+    r"""MSE between student and teacher attention maps of mapped layers.
+
+    For each pair (s, t) of the layer map, maps :math:`A^S_s, A^T_t` (B, H, L, L) and the pair
+    mask M (query i and key j both real tokens and i allowed to attend to j):
+
+    .. math:: \mathcal{L} = \frac{1}{|P|}\sum_{(s,t)\in P}
+              \frac{\sum_{b,h,i,j} M_{bij}\,(A^S_{s,bhij}-A^T_{t,bhij})^2}{H\sum_{b,i,j}M_{bij}}
+
+    ``target: probs`` compares attention probabilities (the paper's "attention distribution");
+    ``target: scores`` compares pre-softmax scores q·k/√d (TinyBERT's variant; run the models
+    with ``output_scores=True``, which :meth:`LossCombiner.output_flags` requests). With
+    different head counts the loss raises unless ``head_average: true``, which averages each
+    map over its heads first (H = 1 above). The teacher side is detached.
+
+    Example config::
+
+        attention: {type: attention_mse, weight: 1.0,
+                    params: {layer_map: uniform, target: probs, head_average: false}}
+
+    Args:
+        layer_map: ``uniform``, ``last`` or ``[[s, t], ...]``.
+        target: ``probs`` or ``scores``.
+        head_average: Average over heads before comparing.
+    """
+
+    needs_teacher = True
+
+    def __init__(self, layer_map: LayerMapSpec = "uniform", target: str = "probs",
+                 head_average: bool = False):
+        super().__init__()
+        if target not in ("probs", "scores"):
+            raise ValueError(f"attention_mse: target must be 'probs' or 'scores', got {target!r}")
+        self.layer_map, self.target, self.head_average = layer_map, target, bool(head_average)
+
+    def forward(self, student_maps: Sequence[torch.Tensor], teacher_maps: Sequence[torch.Tensor],
+                mask: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            student_maps: L_S tensors (B, H_S, L, L).
+            teacher_maps: L_T tensors (B, H_T, L, L).
+            mask: (B, L) token mask or (B, L, L) pair mask.
+
+        Returns:
+            Scalar loss.
+        """
+        pairs = resolve_layer_map(self.layer_map, len(student_maps), len(teacher_maps))
+        pm = _pair_mask(mask.to(student_maps[0].device))
+        pm_f = pm.unsqueeze(1).to(student_maps[0].dtype)  # (B, 1, L, L)
+        count = pm_f.sum()
+        total = student_maps[0].new_zeros(())
+        for s, t in pairs:
+            a_s, a_t = student_maps[s - 1], teacher_maps[t - 1].detach().to(student_maps[s - 1].dtype)
+            if a_s.shape[1] != a_t.shape[1] and not self.head_average:
+                raise ValueError(
+                    f"attention_mse: student layer {s} has {a_s.shape[1]} heads, teacher layer {t} "
+                    f"has {a_t.shape[1]}; set head_average: true to compare head-averaged maps")
+            if self.head_average:
+                a_s, a_t = a_s.mean(1, keepdim=True), a_t.mean(1, keepdim=True)
+            sq = (a_s - a_t).square() * pm_f
+            total = total + sq.sum() / (count * a_s.shape[1]).clamp(min=1.0)
+        return total / len(pairs)
+
+    def compute(self, student, teacher, batch):
+        teacher = _require_teacher(teacher, "attention_mse")
+        field = "attentions" if self.target == "probs" else "attention_scores"
+        s_maps, t_maps = getattr(student, field), getattr(teacher, field)
+        if s_maps is None or t_maps is None:
+            raise ValueError(f"attention_mse (target {self.target}) needs {field} from both "
+                             f"models; run them with **combiner.output_flags()")
+        return self(s_maps, t_maps, student.pair_mask())
+
+    def output_flags(self):
+        return {"output_attentions": True, "output_scores": self.target == "scores"}
+
+
+class _HiddenLayerLoss(KDLoss):
+    """Shared construction of the hidden-state losses (layer pairs from the two configs)."""
+
+    needs_teacher = True
+
+    @classmethod
+    def from_config(cls, params, student_config, teacher_config):
+        if student_config is None or teacher_config is None:
+            raise ValueError(f"{cls.registry_name}: needs the student and teacher model configs "
+                             f"(hidden sizes and layer counts) to build its projections")
+        return cls(student_dim=student_config.hidden_size, teacher_dim=teacher_config.hidden_size,
+                   num_student_layers=student_config.num_layers,
+                   num_teacher_layers=teacher_config.num_layers, **params)
+
+    def output_flags(self):
+        return {"output_hidden_states": True}
+
+
+class _QueueInfoNCE(torch.autograd.Function):
+    """Mean InfoNCE of queries against their positives and a queue, gradient computed in forward.
+
+    Autograd's version would save the (P, N, K+1) logits and the queue itself; the queue is
+    then overwritten in place by the enqueue that follows, which autograd forbids (so it would
+    need a copy of the whole queue every step). Here forward also computes dL/dq and dL/dk,
+    whose size is that of q and k, and backward only scales them: no queue copy, memory
+    (P, N, d) instead of (P, N, K), and few passes over the (P, n, K) block, which is processed
+    in row chunks to bound its size.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float):
+        # q, k: (P, N, d); queue: (P, K', d), no gradient. Float32 at least (float64 stays).
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        q32, k32, u = q.to(dtype), k.to(dtype), queue.to(dtype)
+        num_pairs, n, _ = q32.shape
+        count = num_pairs * n
+        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        total = q32.new_zeros(())
+        grad_q = torch.zeros_like(q32) if want_grad else None
+        grad_k = torch.zeros_like(k32) if want_grad else None
+        if u.shape[1] == 0:  # no negatives yet: softmax over one logit, loss and gradient are 0
+            if want_grad:
+                ctx.save_for_backward(grad_q.to(q.dtype), grad_k.to(k.dtype))
+            return total.to(q.dtype)
+        scale = 1.0 / (count * temperature)
+        chunk = max(1, (1 << 24) // (num_pairs * u.shape[1]))
+        for lo in range(0, n, chunk):
+            qc, kc = q32[:, lo:lo + chunk], k32[:, lo:lo + chunk]
+            qt = qc / temperature
+            pos = (qt * kc).sum(-1, keepdim=True)  # (P, n, 1) logit of k⁺
+            neg = torch.bmm(qt, u.transpose(1, 2))  # (P, n, K') logits of the queue
+            top = torch.maximum(neg.amax(-1, keepdim=True), pos)
+            neg.sub_(top).exp_()  # in place: exp(logit - top)
+            denom = neg.sum(-1, keepdim=True) + torch.exp(pos - top)
+            lse = top + denom.log()
+            total = total + (lse - pos).sum()
+            if want_grad:
+                # dL/dlogit = (softmax - onehot_0) / count; d logit / dq = k/τ or u/τ.
+                d_pos = torch.exp(pos - lse) - 1.0  # (P, n, 1)
+                grad_q[:, lo:lo + chunk] = (d_pos * kc + torch.bmm(neg, u) / denom) * scale
+                grad_k[:, lo:lo + chunk] = d_pos * qc * scale
+        if want_grad:
+            ctx.save_for_backward(grad_q.to(q.dtype), grad_k.to(k.dtype))
+        return (total / count).to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_q, grad_k = ctx.saved_tensors
+        return grad_out * grad_q, grad_out * grad_k, None, None
+
+
+@register_loss("hidden_infonce")
+class HiddenInfoNCELoss(_HiddenLayerLoss):
+    r"""Token-wise InfoNCE on hidden states against a queue of past teacher tokens.
+
+    For each layer pair (s, t) and every valid token i (``pooling: token``) or every sample's
+    mean over its valid tokens (``pooling: mean``, an ablation):
+
+    .. math::
+        q_i = \frac{P_s h^S_{s,i}}{\lVert P_s h^S_{s,i}\rVert},\quad
+        k_i = \frac{P_t\,\mathrm{sg}(h^T_{t,i})}{\lVert\cdot\rVert},\quad
+        \mathcal{L} = \frac{1}{|P|\,N}\sum_{(s,t)}\sum_i
+        -\log\frac{e^{q_i\cdot k_i/\tau}}{e^{q_i\cdot k_i/\tau} + \sum_{m=1}^{K'} e^{q_i\cdot u_m/\tau}}
+
+    where :math:`u_1..u_{K'}` are the pair's queued teacher vectors (:math:`K' \le K`; the
+    queue starts empty, so the first step has no negatives). P_s is a learned linear map to d;
+    P_t is the identity (d = teacher hidden size) or a learned linear map to d. The teacher
+    network gets no gradient (sg); a linear P_t learns through k_i in the positive term, queued
+    vectors carry none. In training mode, after computing the loss, this step's k vectors of
+    every pair are enqueued, gathered from all DDP ranks (each rank has its own token count),
+    overwriting the oldest once K are stored (:class:`~vlkd.train.kd_queue.TokenQueue`, a
+    registered buffer: checkpointed with the loss). Every rank must call it in every step.
+
+    Example config::
+
+        hidden: {type: hidden_infonce, weight: 1.0,
+                 params: {layer_map: uniform, queue_size: 4096, temperature: 0.07,
+                          teacher_projection: identity, proj_dim: null, pooling: token}}
+
+    Args:
+        student_dim, teacher_dim: Hidden sizes (from the model configs).
+        num_student_layers, num_teacher_layers: Layer counts (from the model configs).
+        layer_map: ``uniform``, ``last`` or ``[[s, t], ...]`` over hidden states.
+        include_embeddings: Also distil the embedding output (pair (0, 0)).
+        proj_dim: d; default the teacher hidden size.
+        teacher_projection: ``identity`` (needs d = teacher hidden size) or ``linear``.
+        queue_size: K.
+        temperature: τ.
+        pooling: ``token`` or ``mean``.
+    """
+
+    def __init__(self, student_dim: int, teacher_dim: int, num_student_layers: int,
+                 num_teacher_layers: int, layer_map: LayerMapSpec = "uniform",
+                 include_embeddings: bool = False, proj_dim: int | None = None,
+                 teacher_projection: str = "identity", queue_size: int = 4096,
+                 temperature: float = 0.07, pooling: str = "token"):
+        super().__init__()
+        self.pairs = resolve_layer_map(layer_map, num_student_layers, num_teacher_layers,
+                                       include_embeddings)
+        d = int(proj_dim or teacher_dim)
+        if teacher_projection not in ("identity", "linear"):
+            raise ValueError(f"hidden_infonce: teacher_projection must be 'identity' or 'linear', "
+                             f"got {teacher_projection!r}")
+        if teacher_projection == "identity" and d != teacher_dim:
+            raise ValueError(f"hidden_infonce: teacher_projection 'identity' keeps the teacher's "
+                             f"{teacher_dim} dims, but proj_dim is {d}; use "
+                             f"teacher_projection: linear or drop proj_dim")
+        if pooling not in ("token", "mean"):
+            raise ValueError(f"hidden_infonce: pooling must be 'token' or 'mean', got {pooling!r}")
+        if temperature <= 0:
+            raise ValueError(f"hidden_infonce: temperature must be > 0, got {temperature}")
+        self.temperature, self.pooling = float(temperature), pooling
+        self.student_proj = nn.ModuleList(nn.Linear(student_dim, d) for _ in self.pairs)
+        self.teacher_proj = nn.ModuleList(
+            (nn.Identity() if teacher_projection == "identity" else nn.Linear(teacher_dim, d))
+            for _ in self.pairs)
+        self.queue = TokenQueue(queue_size, d, num_banks=len(self.pairs))
+
+    def _select(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "token":
+            return hidden[mask]  # (N, H), row-major over (b, i)
+        w = mask.to(hidden.dtype)
+        return (hidden * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp(min=1.0)
+
+    def forward(self, student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor],
+                mask: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            student_hidden: L_S + 1 tensors (B, L, H_S): embeddings, then every layer.
+            teacher_hidden: L_T + 1 tensors (B, L, H_T).
+            mask: (B, L) bool, True at valid tokens.
+
+        Returns:
+            Scalar loss. In training mode the queue is updated afterwards.
+        """
+        mask = mask.to(student_hidden[0].device).bool()
+        if self.pooling == "mean":
+            mask_rows = mask.any(dim=1)  # samples with no valid token contribute nothing
+        qs, ks = [], []
+        for i, (s, t) in enumerate(self.pairs):
+            hs = self._select(student_hidden[s], mask)
+            ht = self._select(teacher_hidden[t].detach(), mask).to(hs.dtype)
+            if self.pooling == "mean":
+                hs, ht = hs[mask_rows], ht[mask_rows]
+            qs.append(F.normalize(self.student_proj[i](hs), dim=-1))
+            ks.append(F.normalize(self.teacher_proj[i](ht), dim=-1))
+        q, k = torch.stack(qs), torch.stack(ks)  # (P, N, d)
+        if q.shape[1] == 0:
+            loss = q.sum() * 0.0
+        else:
+            loss = _QueueInfoNCE.apply(q, k, self.queue.valid(), self.temperature)
+        if self.training:
+            self.queue.enqueue(k.detach().transpose(0, 1))  # (N, P, d), gathered over ranks
+        return loss
+
+    def compute(self, student, teacher, batch):
+        teacher = _require_teacher(teacher, "hidden_infonce")
+        if student.hidden_states is None or teacher.hidden_states is None:
+            raise ValueError("hidden_infonce needs hidden_states from both models; run them with "
+                             "**combiner.output_flags()")
+        return self(student.hidden_states, teacher.hidden_states, student.token_mask)
+
+
+@register_loss("hidden_mse")
+class HiddenMSELoss(_HiddenLayerLoss):
+    r"""Hidden-state MSE with a learned projection (TinyBERT's hidden loss; an ablation).
+
+    For each layer pair (s, t), over the N valid tokens, with W_s a linear map H_S → H_T
+    (identity when ``projection: identity`` and the sizes match):
+
+    .. math:: \mathcal{L} = \frac{1}{|P|}\sum_{(s,t)} \frac{1}{N H_T}\sum_i
+              \lVert W_s h^S_{s,i} - \mathrm{sg}(h^T_{t,i})\rVert^2
+
+    Example config::
+
+        hidden: {type: hidden_mse, weight: 1.0, params: {layer_map: uniform}}
+    """
+
+    def __init__(self, student_dim: int, teacher_dim: int, num_student_layers: int,
+                 num_teacher_layers: int, layer_map: LayerMapSpec = "uniform",
+                 include_embeddings: bool = False, projection: str = "linear"):
+        super().__init__()
+        self.pairs = resolve_layer_map(layer_map, num_student_layers, num_teacher_layers,
+                                       include_embeddings)
+        if projection == "identity" and student_dim != teacher_dim:
+            raise ValueError(f"hidden_mse: projection 'identity' needs equal hidden sizes, got "
+                             f"student {student_dim} and teacher {teacher_dim}; use 'linear'")
+        if projection not in ("identity", "linear"):
+            raise ValueError(f"hidden_mse: projection must be 'identity' or 'linear', got {projection!r}")
+        self.proj = nn.ModuleList(
+            (nn.Identity() if projection == "identity" else nn.Linear(student_dim, teacher_dim))
+            for _ in self.pairs)
+
+    def forward(self, student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor],
+                mask: torch.Tensor) -> torch.Tensor:
+        """Same arguments as :meth:`HiddenInfoNCELoss.forward`; returns a scalar."""
+        mask = mask.to(student_hidden[0].device).bool()
+        total = student_hidden[0].new_zeros(())
+        for i, (s, t) in enumerate(self.pairs):
+            hs = self.proj[i](student_hidden[s][mask])
+            ht = teacher_hidden[t][mask].detach().to(hs.dtype)
+            total = total + F.mse_loss(hs, ht, reduction="sum") / max(ht.numel(), 1)
+        return total / len(self.pairs)
+
+    def compute(self, student, teacher, batch):
+        teacher = _require_teacher(teacher, "hidden_mse")
+        if student.hidden_states is None or teacher.hidden_states is None:
+            raise ValueError("hidden_mse needs hidden_states from both models; run them with "
+                             "**combiner.output_flags()")
+        return self(student.hidden_states, teacher.hidden_states, student.token_mask)
+
+
+@register_loss("logit_kd")
+class LogitKDLoss(KDLoss):
+    r"""Logit distillation at temperature T.
+
+    ``kind: softmax`` (masked-token / caption predictions, the default for ``head: mlm``), over
+    the N predicted positions:
+
+    .. math:: \mathcal{L} = \frac{T^2}{N}\sum_n \mathrm{KL}\big(\mathrm{softmax}(z^T_n/T)\,
+              \Vert\,\mathrm{softmax}(z^S_n/T)\big)
+
+    ``kind: sigmoid`` (VQA, the default for ``head: vqa``): binary cross-entropy against the
+    teacher's sigmoid outputs, scaled like :class:`VQABCELoss`:
+
+    .. math:: \mathcal{L} = T^2 \cdot A \cdot \frac{1}{BA}\sum_{b,a}
+              \mathrm{BCE}\big(\sigma(z^S_{ba}/T),\ \sigma(z^T_{ba}/T)\big)
+
+    The teacher side is detached.
+
+    Example config::
+
+        logits: {type: logit_kd, weight: 1.0, params: {temperature: 2.0, head: mlm}}
+
+    Args:
+        temperature: T > 0.
+        head: ``mlm`` (reads ``mlm_logits``) or ``vqa`` (reads ``vqa_logits``).
+        kind: ``softmax`` or ``sigmoid``; default by head.
+    """
+
+    needs_teacher = True
+
+    def __init__(self, temperature: float = 1.0, head: str = "mlm", kind: str | None = None):
+        super().__init__()
+        if head not in ("mlm", "vqa"):
+            raise ValueError(f"logit_kd: head must be 'mlm' or 'vqa', got {head!r}")
+        kind = kind or ("softmax" if head == "mlm" else "sigmoid")
+        if kind not in ("softmax", "sigmoid"):
+            raise ValueError(f"logit_kd: kind must be 'softmax' or 'sigmoid', got {kind!r}")
+        if temperature <= 0:
+            raise ValueError(f"logit_kd: temperature must be > 0, got {temperature}")
+        self.temperature, self.head, self.kind = float(temperature), head, kind
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """
+        Args:
+            student_logits: (N, V) or (B, T, V); (B, A) for sigmoid.
+            teacher_logits: Same shape.
+            mask: Optional (B, T) bool selecting positions of 3-D logits.
+
+        Returns:
+            Scalar loss.
+        """
+        if student_logits.shape != teacher_logits.shape:
+            raise ValueError(f"logit_kd: student logits {tuple(student_logits.shape)} and teacher "
+                             f"logits {tuple(teacher_logits.shape)} differ; both models need the "
+                             f"same vocabulary / answer list and prediction positions")
+        zt = teacher_logits.detach().float()
+        zs = student_logits.float()
+        if mask is not None:
+            zs, zt = zs[mask.bool()], zt[mask.bool()]
+        temp = self.temperature
+        if self.kind == "softmax":
+            zs, zt = zs.reshape(-1, zs.shape[-1]), zt.reshape(-1, zt.shape[-1])
+            if zs.shape[0] == 0:
+                return zs.sum() * 0.0
+            kl = F.kl_div(F.log_softmax(zs / temp, -1), F.log_softmax(zt / temp, -1),
+                          reduction="batchmean", log_target=True)
+            return kl * temp * temp
+        bce = F.binary_cross_entropy_with_logits(zs / temp, torch.sigmoid(zt / temp))
+        return bce * zs.shape[-1] * temp * temp
+
+    def compute(self, student, teacher, batch):
+        teacher = _require_teacher(teacher, "logit_kd")
+        field = f"{self.head}_logits"
+        zs, zt = getattr(student, field), getattr(teacher, field)
+        if zs is None or zt is None:
+            raise ValueError(f"logit_kd: both outputs need {field}; run both models with the "
+                             f"task that uses the {self.head} head")
+        return self(zs, zt)
+
+
+# --------------------------------------------------------------------------------------------
+# Combiner
+# --------------------------------------------------------------------------------------------
+
+class LossCombiner(nn.Module):
+    """A weighted sum of named loss terms.
+
+    Terms with weight 0 are not computed (their queues, if any, do not advance).
+
+    Example config (one entry per term; ``params`` go to the loss constructor)::
+
+        losses:
+          task:      {type: masked_token_ce, weight: 1.0, params: {label_smoothing: 0.1}}
+          attention: {type: attention_mse,   weight: 1.0}
+          hidden:    {type: hidden_infonce,  weight: 1.0, params: {queue_size: 4096}}
+
+    Args:
+        terms: name → (loss module, weight).
+    """
+
+    def __init__(self, terms: Mapping[str, tuple[KDLoss, float]]):
+        super().__init__()
+        if not terms:
+            raise ValueError("LossCombiner: no loss terms given")
+        self.terms = nn.ModuleDict({name: loss for name, (loss, _) in terms.items()})
+        self.weights = {name: float(w) for name, (_, w) in terms.items()}
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Mapping[str, Any]], student_config: VLConfig | None = None,
+                    teacher_config: VLConfig | None = None) -> "LossCombiner":
+        """Builds the combiner from ``{name: {type, weight, params}}``."""
+        terms = {}
+        for name, spec in cfg.items():
+            unknown = sorted(set(spec) - {"type", "weight", "params"})
+            if "type" not in spec or unknown:
+                raise KeyError(f"loss term {name!r}: expected keys type, weight, params; got "
+                               f"{sorted(spec)}")
+            loss = build_loss(spec["type"], spec.get("params"), student_config, teacher_config)
+            terms[name] = (loss, spec.get("weight", 1.0))
+        return cls(terms)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(self.weights[n] != 0 and m.needs_teacher for n, m in self.terms.items())
+
+    def output_flags(self) -> dict[str, bool]:
+        """Keyword flags for :meth:`VLModel.forward`: only the outputs some term reads."""
+        flags = {"output_hidden_states": False, "output_attentions": False, "output_scores": False}
+        for name, loss in self.terms.items():
+            if self.weights[name] != 0:
+                for k, v in loss.output_flags().items():
+                    flags[k] = flags[k] or v
+        return flags
+
+    def forward(self, student: VLOutput, teacher: VLOutput | None,
+                batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """
+        Returns:
+            (total, {name: detached value}) where total = Σ weight · value.
+        """
+        total: torch.Tensor | None = None
+        values: dict[str, torch.Tensor] = {}
+        for name, loss in self.terms.items():
+            w = self.weights[name]
+            if w == 0:
+                continue
+            v = loss.compute(student, teacher, batch)
+            values[name] = v.detach()
+            total = w * v if total is None else total + w * v
+        if total is None:
+            raise ValueError("LossCombiner: every term has weight 0")
+        return total, values
