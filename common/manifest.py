@@ -1,7 +1,7 @@
 """The region set's ``manifest.json``: atomic replacement and locked read-modify-write.
 
 Array jobs finishing different shards of one set update the same manifest; ``update_manifest``
-serialises them with an flock on ``manifest.json.lock`` and replaces the file atomically
+serialises them with an flock on ``.manifest.lock`` and replaces the file atomically
 (temp file, fsync, ``os.replace``), so a reader never sees a half-written manifest and no
 shard's entry is lost. The keys are documented in docs/FORMAT.md.
 """
@@ -17,6 +17,8 @@ from typing import Callable
 from .locking import FileLock
 
 MANIFEST_NAME = "manifest.json"
+#: Kept (empty) in the set directory; flocked while the manifest is updated.
+MANIFEST_LOCK_NAME = ".manifest.lock"
 SCHEMA_VERSION = 1
 
 
@@ -98,7 +100,7 @@ def update_manifest(set_dir: str | os.PathLike, fn: Callable[[dict], dict | None
     """
     set_dir = Path(set_dir)
     set_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(set_dir / (MANIFEST_NAME + ".lock"), blocking=True, remove_on_release=False):
+    with FileLock(set_dir / MANIFEST_LOCK_NAME, blocking=True, remove_on_release=False):
         try:
             current = read_manifest(set_dir)
         except ManifestError:
