@@ -1,9 +1,22 @@
-"""`vlkd-train`: phase two (finetune, distill, evaluate VL transformers on region sets)."""
+"""`vlkd-train`: phase two (finetune, distill, evaluate VL transformers on region sets).
+
+Every training command reads a YAML config (``--config``), then its options, then ``--set
+section.key=value`` overrides, in that order; the resolved config is saved as
+``<output-dir>/config.yaml``. See docs/TRAIN.md.
+"""
 from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
 
 import click
 
 from vlkd import __version__
+
+log = logging.getLogger("vlkd.train")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -12,10 +25,390 @@ def main() -> None:
     """Phase two: train and evaluate OSCAR-style VL transformers on region sets.
 
     \b
-    finetune   one model, one task, no teacher (teacher adaptation, student baseline)
-    distill    student trained with task loss + attention / hidden-state KD from a teacher
-    evaluate   captioning (pycocoevalcap) and VQA (official accuracy)
+    finetune     one model, one task, no teacher (teacher adaptation, student baseline)
+    distill      student trained with task loss + attention / hidden-state KD from a teacher
+    evaluate     captioning (pycocoevalcap) and VQA (official accuracy)
+    build-vocab  train a BERT WordPiece vocabulary from annotation files
     """
+    # DataLoader workers fork after the fast tokenizer ran: its thread pool must not be used
+    # across the fork (the tokenizers library would warn and fall back anyway).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", force=True)
+
+
+# ------------------------------------------------------------------------------------ options
+def _common_options(f):
+    opts = [
+        click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                     help="YAML config (sections model/data/task/optim/train/distill/eval/losses)."),
+        click.option("--output-dir", "-o", help="Run directory [train.output_dir]."),
+        click.option("--task", type=click.Choice(["caption", "vqa", "pretrain"]),
+                     help="Task [task.name]."),
+        click.option("--captions", help="Karpathy dataset_coco.json or COCO captions_*.json "
+                     "[data.captions]."),
+        click.option("--split", help="Karpathy split to train on [data.split]."),
+        click.option("--vqa-questions", help="VQA v2 questions JSON [data.vqa_questions]."),
+        click.option("--vqa-annotations", help="VQA v2 annotations JSON [data.vqa_annotations]."),
+        click.option("--answer-vocab", help="Answer list, one per line [data.answer_vocab]."),
+        click.option("--pairs", help="Pre-training (image id, caption) pairs [data.pairs]."),
+        click.option("--tokenizer", help="BERT WordPiece directory [data.tokenizer]."),
+        click.option("--tag-regions", help="Set whose box classes are the tags [data.tag_regions]."),
+        click.option("--eval-captions", help="Caption references for periodic evaluation "
+                     "[eval.captions]."),
+        click.option("--eval-split", help="Split evaluated periodically [eval.split]."),
+        click.option("--eval-vqa-questions", help="[eval.vqa_questions]"),
+        click.option("--eval-vqa-annotations", help="[eval.vqa_annotations]"),
+        click.option("--max-steps", type=int, help="Optimizer steps [train.max_steps]."),
+        click.option("--epochs", type=int, help="Epochs when --max-steps is 0 [train.epochs]."),
+        click.option("--batch-size", type=int, help="Per-process batch [data.batch_size]."),
+        click.option("--lr", type=float, help="Peak learning rate [optim.lr]."),
+        click.option("--seed", type=int, help="[train.seed]"),
+        click.option("--resume", type=click.Path(exists=True),
+                     help="Continue from a checkpoint directory, or the latest in a run directory."),
+        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                     help="Config override, repeatable: --set optim.lr=3e-5."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+_OPTION_KEYS = {
+    "output_dir": "train.output_dir", "task": "task.name", "captions": "data.captions",
+    "split": "data.split", "vqa_questions": "data.vqa_questions",
+    "vqa_annotations": "data.vqa_annotations", "answer_vocab": "data.answer_vocab",
+    "pairs": "data.pairs", "tokenizer": "data.tokenizer", "tag_regions": "data.tag_regions",
+    "eval_captions": "eval.captions", "eval_split": "eval.split",
+    "eval_vqa_questions": "eval.vqa_questions", "eval_vqa_annotations": "eval.vqa_annotations",
+    "max_steps": "train.max_steps", "epochs": "train.epochs", "batch_size": "data.batch_size",
+    "lr": "optim.lr", "seed": "train.seed", "regions": "data.regions",
+    "teacher_regions": "data.teacher_regions", "model": "model.model", "teacher": "distill.teacher",
+    "beam_size": "eval.beam_size", "max_len": "eval.max_len", "eval_batch_size": "eval.batch_size",
+}
+
+
+def _resolve_config(config_path, options: dict, overrides):
+    from .config import load_config
+
+    sets = []
+    for name, value in options.items():
+        if value is None or name not in _OPTION_KEYS:
+            continue
+        sets.append(f"{_OPTION_KEYS[name]}={json.dumps(value) if not isinstance(value, str) else value}")
+    # options first, then --set: an explicit --set wins
+    return load_config(config_path, [*sets, *overrides])
+
+
+def _fail(e: Exception) -> None:
+    click.echo(f"vlkd-train: error: {e}", err=True)
+    sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------- training
+def _train(command: str, cfg, resume: str | None) -> None:
+    from vlkd.common.regionset import RegionSet
+
+    from . import build
+    from .build import RunInputs
+    from .config import ConfigError, save_config
+    from .evaluation import make_eval_fn
+    from .tasks import make_task
+    from .trainer import Trainer, TrainModule, amp_dtype, seed_everything, setup_distributed, \
+        teardown_distributed
+
+    env = setup_distributed(cfg.train.device)
+    _setup_logging(env.rank)
+    try:
+        distill = command == "distill"
+        if not cfg.data.regions:
+            raise ConfigError("no region set: pass --regions (finetune) or --student-regions "
+                              "(distill) [data.regions]")
+        if distill and not (cfg.distill.teacher and cfg.data.teacher_regions):
+            raise ConfigError("distill needs --teacher DIR and --teacher-regions DIR")
+        run_dir = Path(cfg.train.output_dir)
+        if env.is_main:
+            save_config(cfg, run_dir)
+        seed_everything(cfg.train.seed)
+        model_dir = cfg.model.model if build._is_model_dir(cfg.model.model) else ""
+        tokenizer = build.resolve_tokenizer(cfg, model_dir)
+        answers = build.load_answers(cfg, model_dir) if cfg.task.name == "vqa" else None
+        regions = RegionSet(cfg.data.regions)
+        class_names = build.tag_class_names(cfg.data.regions, cfg.data.tag_regions)
+        encoder = build.make_encoder(cfg, tokenizer, class_names)
+        t = cfg.task
+        task = make_task(t.name, encoder, max_regions=cfg.data.max_regions, mask_prob=t.mask_prob,
+                         max_masked=t.max_masked, tag_mask_prob=t.tag_mask_prob,
+                         tag_swap_prob=t.tag_swap_prob, num_answers=len(answers or []))
+        records = build.train_records(cfg, answers)
+        stream = build.make_stream(cfg, records, task, regions=cfg.data.regions,
+                                   teacher_regions=cfg.data.teacher_regions if distill else None,
+                                   rank=env.rank, world_size=env.world_size)
+        model = build.build_model(cfg.model, region_dim=regions.feature_dim,
+                                  vocab_size=len(tokenizer),
+                                  num_answers=len(answers) if answers else None)
+        teacher = None
+        if distill:
+            teacher = build.load_model_dir(cfg.distill.teacher)
+            _check_teacher(cfg, teacher, tokenizer, model)
+        combiner = build.build_combiner(cfg, model, teacher)
+        module = TrainModule(model, combiner, task.model_task, task.seq2seq())
+        meta = build.run_meta(cfg, tokenizer, class_names)
+        inputs = RunInputs(tokenizer, encoder, task, answers, class_names, meta)
+
+        def save_model(directory: Path) -> None:
+            build.save_model_dir(model, directory, tokenizer, inputs.meta, answers)
+
+        evaluate, metric = None, ""
+        amp = amp_dtype(cfg.train.amp, env.device)
+        if _has_eval(cfg):
+            ev_task = make_task(t.name, encoder, max_regions=cfg.data.max_regions, train=False,
+                                num_answers=len(answers or []))
+            ev_records, refs = build.eval_records(cfg, answers)
+            ev_stream = build.make_stream(cfg, ev_records, ev_task,
+                                          regions=cfg.eval.regions or cfg.data.regions,
+                                          shuffle=False, batch_size=cfg.eval.batch_size,
+                                          rank=env.rank, world_size=env.world_size)
+            evaluate = make_eval_fn(t.name, ev_stream, refs, tokenizer=tokenizer, answers=answers,
+                                    device=env.device, amp=amp, env=env,
+                                    beam_size=cfg.eval.beam_size, max_len=cfg.eval.max_len,
+                                    max_text_len=cfg.data.max_text_len, spice=cfg.eval.spice)
+            metric = cfg.eval.metric or ("CIDEr" if t.name == "caption" else "accuracy")
+        teacher_task = task.model_task if any(
+            m.registry_name == "logit_kd" and combiner.weights[n]
+            for n, m in combiner.terms.items()) else "none"
+        trainer = Trainer(cfg, module, stream, run_dir, env, save_model, teacher=teacher,
+                          teacher_task=teacher_task, evaluate=evaluate, eval_metric=metric,
+                          name=command)
+        if resume:
+            trainer.resume(resume)
+        log.info("%s: %d samples (%d batches/epoch/rank), %d steps, %d-d regions%s, terms %s",
+                 command, stream.num_samples, len(stream), trainer.total_steps,
+                 regions.feature_dim, f", teacher {cfg.distill.teacher}" if teacher else "",
+                 sorted(n for n in combiner.terms if combiner.weights[n]))
+        trainer.train()
+        if env.is_main:
+            final = run_dir / "final"
+            save_model(final)
+            log.info("done: model in %s%s", final,
+                     f", best ({trainer.best['metric']} {trainer.best['value']:.4f} at step "
+                     f"{trainer.best['step']}) in {run_dir / 'best'}" if trainer.best else "")
+    finally:
+        teardown_distributed(env)
+
+
+def _has_eval(cfg) -> bool:
+    if cfg.task.name == "caption":
+        return bool(cfg.eval.captions)
+    if cfg.task.name == "vqa":
+        return bool(cfg.eval.vqa_questions and cfg.eval.vqa_annotations)
+    return False
+
+
+def _check_teacher(cfg, teacher, tokenizer, student) -> None:
+    from vlkd.common.regionset import RegionSet
+
+    from .build import read_meta
+    from .config import ConfigError
+    from .tokenizer import vocab_digest
+
+    tset = RegionSet(cfg.data.teacher_regions)
+    if teacher.config.region_dim != tset.feature_dim:
+        raise ConfigError(f"teacher {cfg.distill.teacher} takes {teacher.config.region_dim}-d "
+                          f"features but teacher set {tset.path} has {tset.feature_dim}-d ones")
+    meta = read_meta(cfg.distill.teacher)
+    digest = meta.get("tokenizer_digest")
+    if digest and digest != vocab_digest(tokenizer):
+        raise ConfigError(f"teacher {cfg.distill.teacher} was trained with another tokenizer "
+                          f"(digest {digest} ≠ {vocab_digest(tokenizer)}); teacher and student "
+                          "must read the same token ids: pass the teacher's directory as "
+                          "--tokenizer")
+    d = cfg.data
+    for key in ("max_text_len", "max_tag_len", "max_regions", "unique_tags"):
+        if key in meta and meta[key] != getattr(d, key):
+            log.warning("teacher was trained with data.%s=%s, this run uses %s", key, meta[key],
+                        getattr(d, key))
+    if teacher.config.vocab_size != student.config.vocab_size:
+        log.warning("teacher has %d token embeddings, student %d: logit KD over tokens is "
+                    "impossible", teacher.config.vocab_size, student.config.vocab_size)
+
+
+@main.command()
+@click.option("--regions", help="Region set of the trained model [data.regions].")
+@click.option("--model", help="Preset (tiny, student, teacher), YAML config or model "
+              "directory [model.model].")
+@_common_options
+def finetune(config_path, overrides, resume, **options):
+    """Train one model on one task, without a teacher.
+
+    Used for Visual Token Alignment (adapt a teacher to the student's boxes: --model TEACHER_DIR
+    --regions TEACHER_FEATURES_SET) and for the non-distilled student baseline.
+    """
+    try:
+        cfg = _resolve_config(config_path, options, overrides)
+    except ValueError as e:
+        _fail(e)
+    _run_guarded("finetune", cfg, resume)
+
+
+@main.command()
+@click.option("--teacher", help="Teacher model directory, frozen [distill.teacher].")
+@click.option("--student", "model", help="Student preset, YAML config or directory [model.model].")
+@click.option("--student-regions", "regions", help="Student (proposals) set [data.regions].")
+@click.option("--teacher-regions", help="Teacher features aligned to the student set "
+              "[data.teacher_regions].")
+@_common_options
+def distill(config_path, overrides, resume, **options):
+    """Train a student with the task loss plus KD terms from a frozen teacher.
+
+    Default terms: attention-distribution MSE and token-wise hidden-state InfoNCE; weights and
+    options from the config's losses section or --set losses.NAME.weight=W.
+    """
+    try:
+        cfg = _resolve_config(config_path, options, overrides)
+    except ValueError as e:
+        _fail(e)
+    _run_guarded("distill", cfg, resume)
+
+
+def _run_guarded(command: str, cfg, resume) -> None:
+    from .stream import AlignmentError
+    from .trainer import NonFiniteLossError, ResumeError
+
+    try:
+        _train(command, cfg, resume)
+    except NonFiniteLossError as e:
+        click.echo(f"vlkd-train {command}: {e}", err=True)
+        sys.exit(3)
+    except (AlignmentError, ResumeError, ValueError, FileNotFoundError, KeyError) as e:
+        _fail(e)
+
+
+# -------------------------------------------------------------------------------- evaluation
+@main.command()
+@click.option("--model", required=True, help="Model directory [model.model].")
+@click.option("--regions", required=True, help="Region set of the evaluated images.")
+@click.option("--task", type=click.Choice(["caption", "vqa"]), help="Default: the model's task.")
+@click.option("--captions", "eval_captions", help="Caption references (Karpathy or COCO JSON).")
+@click.option("--split", "eval_split", help="Karpathy split [eval.split].")
+@click.option("--vqa-questions", "eval_vqa_questions", help="VQA questions JSON.")
+@click.option("--vqa-annotations", "eval_vqa_annotations",
+              help="VQA annotations JSON (omit for predictions only).")
+@click.option("--tag-regions", help="Tag set, when --regions is a teacher-features set.")
+@click.option("--output-dir", "-o", required=True, help="Where predictions and scores go.")
+@click.option("--beam-size", type=int, help="Beam width [eval.beam_size=5].")
+@click.option("--greedy", is_flag=True, help="Greedy decoding (beam size 1).")
+@click.option("--max-len", type=int, help="Longest caption in tokens [eval.max_len=20].")
+@click.option("--batch-size", "eval_batch_size", type=int, help="[eval.batch_size]")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override.")
+def evaluate(model, regions, task, greedy, output_dir, config_path, overrides, **options):
+    """Predict and score: captions (beam search → pycocoevalcap) or VQA (official accuracy).
+
+    Writes predictions (COCO caption results / official VQA results format) and scores.json.
+    """
+    from .stream import AlignmentError
+
+    try:
+        _evaluate(model, regions, task, greedy, output_dir, config_path, overrides, options)
+    except (AlignmentError, ValueError, FileNotFoundError, KeyError) as e:
+        _fail(e)
+
+
+def _evaluate(model_dir, regions, task, greedy, output_dir, config_path, overrides, options):
+    from vlkd.common.regionset import RegionSet
+
+    from . import build
+    from .evaluation import predict_captions, predict_vqa, score_predictions, write_predictions
+    from .tasks import make_task
+    from .trainer import amp_dtype, setup_distributed, teardown_distributed
+
+    meta = build.read_meta(model_dir)
+    task = task or meta.get("task")
+    if task not in ("caption", "vqa"):
+        raise ValueError(f"pass --task caption|vqa (the model directory {model_dir} records "
+                         f"task {meta.get('task')!r})")
+    layout = {k: meta[k] for k in ("max_text_len", "max_tag_len", "max_regions", "unique_tags")
+              if k in meta}
+    base = [f"data.{k}={json.dumps(v)}" for k, v in layout.items()]
+    opts = {"model": model_dir, "regions": regions, "task": task, **options}
+    cfg = _resolve_config(config_path, opts, [*base, f"eval.regions={regions}", *overrides])
+    if greedy:
+        cfg.eval.beam_size = 1
+    env = setup_distributed(cfg.train.device)
+    _setup_logging(env.rank)
+    try:
+        tokenizer = build.resolve_tokenizer(cfg, model_dir)
+        answers = build.load_answers(cfg, model_dir) if task == "vqa" else None
+        class_names = build.tag_class_names(regions, cfg.data.tag_regions)
+        if meta.get("class_names") and meta["class_names"] != class_names:
+            # Legitimate in ablations (a teacher evaluated with the student's tags), so a note.
+            log.warning("the tags of %s come from %d class names that differ from the %d the "
+                        "model was trained with", regions, len(class_names),
+                        len(meta["class_names"]))
+        model = build.load_model_dir(model_dir).to(env.device)
+        if model.config.region_dim != RegionSet(regions).feature_dim:
+            raise ValueError(f"model takes {model.config.region_dim}-d features, {regions} has "
+                             f"{RegionSet(regions).feature_dim}-d ones")
+        encoder = build.make_encoder(cfg, tokenizer, class_names)
+        ev_task = make_task(task, encoder, max_regions=cfg.data.max_regions, train=False,
+                            num_answers=len(answers or []))
+        records, refs = build.eval_records(cfg, answers)
+        stream = build.make_stream(cfg, records, ev_task, regions=regions, shuffle=False,
+                                   batch_size=cfg.eval.batch_size, rank=env.rank,
+                                   world_size=env.world_size)
+        amp = amp_dtype(cfg.train.amp, env.device)
+        if task == "caption":
+            preds = predict_captions(model, stream, tokenizer, device=env.device, amp=amp,
+                                     beam_size=cfg.eval.beam_size, max_len=cfg.eval.max_len,
+                                     max_text_len=cfg.data.max_text_len, env=env)
+        else:
+            preds = predict_vqa(model, stream, answers, device=env.device, amp=amp, env=env)
+        if env.is_main:
+            out = Path(output_dir)
+            pred_path = write_predictions(task, preds, out / f"predictions_{task}.json")
+            scores = score_predictions(task, preds, refs, cfg.eval.spice)
+            scores = {"task": task, "model": str(model_dir), "regions": str(regions),
+                      "num_predictions": len(preds), "beam_size": cfg.eval.beam_size,
+                      **scores}
+            (out / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
+            for k, v in scores.items():
+                if isinstance(v, float):
+                    click.echo(f"{k:>10s}: {v:.4f}")
+            for note in scores.get("notes", []):
+                click.echo(f"note: {note}")
+            click.echo(f"predictions: {pred_path}\nscores: {out / 'scores.json'}")
+    finally:
+        teardown_distributed(env)
+
+
+# ------------------------------------------------------------------------------------- vocab
+@main.command("build-vocab")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, help="Output tokenizer directory.")
+@click.option("--vocab-size", type=int, default=30522, help="Upper bound of the vocabulary.")
+@click.option("--min-frequency", type=int, default=2, help="Minimum count of a piece.")
+@click.option("--regions", "region_sets", multiple=True,
+              help="Region set(s) whose class names (the object tags) must be whole tokens.")
+@click.option("--cased", is_flag=True, help="Keep case (default: uncased).")
+def build_vocab_cmd(files, out, vocab_size, min_frequency, region_sets, cased):
+    """Train a BERT WordPiece vocabulary on annotation files (captions, VQA, pairs, text)."""
+    from vlkd.common.regionset import RegionSet
+
+    from .tokenizer import TokenizerError, build_vocab
+
+    extra: list[str] = []
+    try:
+        for r in region_sets:
+            extra.extend(n.replace("_", " ") for n in RegionSet(r).class_names)
+        tok = build_vocab(list(files), out, vocab_size=vocab_size, min_frequency=min_frequency,
+                          extra_words=extra, lowercase=not cased)
+    except (TokenizerError, ValueError) as e:
+        _fail(e)
+    click.echo(f"wrote {out}: {len(tok)} tokens")
 
 
 if __name__ == "__main__":

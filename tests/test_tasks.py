@@ -1,0 +1,156 @@
+"""Task transforms and collation: Oscar masking, tag sequences, positions, masks, targets."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from train_data import scenes, write_captions
+from vlkd.common.regionset import ImageRegions
+from vlkd.train.model import IGNORE_INDEX
+from vlkd.train.stream import Record, Sample
+from vlkd.train.tasks import (CaptionTask, PretrainTask, TextEncoder, VQATask, model_inputs)
+from vlkd.train.tokenizer import build_vocab
+
+CLASSES = ["circle", "square", "traffic light", "star"]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    caps = write_captions(d / "c.json", scenes(30))
+    return build_vocab([caps], d / "tok", vocab_size=200, min_frequency=1,
+                       extra_words=CLASSES + ["what colour is it"])
+
+
+def _regions(n, dim=8, seed=0):
+    rng = np.random.default_rng(seed)
+    boxes = np.array([[10 * i, 5, 10 * i + 20, 40] for i in range(n)], np.float32)
+    return ImageRegions(image_id=f"im{seed}", image_hw=(100, 200), boxes=boxes,
+                        scores=np.ones(n, np.float32),
+                        classes=rng.integers(0, len(CLASSES), n).astype(np.int32),
+                        features=rng.standard_normal((n, dim)).astype(np.float16),
+                        box_digest=b"\0" * 16, image_digest=b"\0" * 16)
+
+
+def _sample(text, n=3, seed=0, answers=()):
+    r = _regions(n, seed=seed)
+    return Sample(Record(f"k{seed}", r.image_id, text, answers), r, None, r.classes,
+                  np.random.default_rng(seed))
+
+
+def test_tag_ids_are_the_tokenised_class_sentence(tok):
+    enc = TextEncoder(tok, CLASSES, max_text_len=12, max_tag_len=6)
+    classes = np.array([2, 0, 2, 3])
+    sentence = " ".join(CLASSES[c] for c in classes)  # "traffic light circle traffic light star"
+    ref = tok(sentence, add_special_tokens=False)["input_ids"]
+    sep = tok.get_vocab()["[SEP]"]
+    assert list(enc.tag_ids(classes)) == ref[:5] + [sep]
+    enc_all = TextEncoder(tok, CLASSES, max_tag_len=30)
+    assert list(enc_all.tag_ids(classes)) == ref + [sep]
+    uniq = TextEncoder(tok, CLASSES, max_tag_len=30, unique_tags=True)
+    assert list(uniq.tag_ids(classes)) == tok("traffic light circle star",
+                                              add_special_tokens=False)["input_ids"] + [sep]
+
+
+def test_caption_masking_follows_oscar(tok):
+    enc = TextEncoder(tok, CLASSES, max_text_len=40)
+    vocab = tok.get_vocab()
+    task = CaptionTask(enc, max_regions=50, mask_prob=0.15, max_masked=3)
+    text = "a red circle and a blue square with a green star and a yellow circle"
+    clean = np.array(tok(text)["input_ids"])
+    n_cand = len(clean) - 1  # every token after [CLS], the closing [SEP] included
+    want = min(max(round(0.15 * n_cand), 1), 3)
+    kinds = {"mask": 0, "same": 0, "random": 0}
+    sep_picked = 0
+    for seed in range(600):
+        out = task.transform(_sample(text, seed=seed))
+        ids, labels = out["text_ids"], out["text_labels"]
+        picked = np.nonzero(labels != IGNORE_INDEX)[0]
+        assert len(picked) == want and 0 not in picked
+        np.testing.assert_array_equal(labels[picked], clean[picked])
+        untouched = np.setdiff1d(np.arange(len(clean)), picked)
+        np.testing.assert_array_equal(ids[untouched], clean[untouched])
+        for p in picked:
+            kinds["mask" if ids[p] == vocab["[MASK]"] else
+                  "same" if ids[p] == clean[p] else "random"] += 1
+        sep_picked += int(len(clean) - 1 in picked)
+    total = sum(kinds.values())
+    assert abs(kinds["mask"] / total - 0.8) < 0.04
+    assert abs(kinds["random"] / total - 0.1) < 0.03
+    assert sep_picked > 0  # the model learns to end captions
+
+
+def test_collate_layout_and_seq2seq_mask(tok):
+    enc = TextEncoder(tok, CLASSES, max_text_len=10, max_tag_len=8)
+    task = CaptionTask(enc)
+    items = [task.transform(_sample("a red circle", n=2, seed=1)),
+             task.transform(_sample("a blue square and a star", n=4, seed=2))]
+    b = task.collate(items)
+    ta = max(len(it["text_ids"]) for it in items)
+    tb = max(len(it["tag_ids"]) for it in items)
+    assert b["input_ids"].shape == (2, ta + tb)
+    assert b["region_features"].dtype == torch.float16
+    assert b["region_features"].shape == (2, 4, 8)
+    np.testing.assert_array_equal(b["region_features"][0, :2].numpy(), items[0]["features"])
+    assert b["region_mask"].tolist() == [[True, True, False, False], [True] * 4]
+    for k, it in enumerate(items):
+        m = len(it["tag_ids"])
+        # tags start at position max_text_len whatever the text length (Oscar's layout)
+        assert b["position_ids"][k, ta:ta + m].tolist() == list(range(10, 10 + m))
+        assert b["token_type_ids"][k, ta:ta + m].tolist() == [1] * m
+        assert b["input_ids"][k, ta:ta + m].tolist() == list(it["tag_ids"])
+
+    inputs = model_inputs(b, geometry_dim=6, seq2seq=True)
+    mask = inputs["attention_mask"]
+    L = ta + tb + 4
+    assert mask.shape == (2, L, L)
+    # expected mask built position by position
+    for k, it in enumerate(items):
+        n, m, r = len(it["text_ids"]), len(it["tag_ids"]), len(it["features"])
+        cap = set(range(n))
+        ctx = set(range(ta, ta + m)) | set(range(ta + tb, ta + tb + r))
+        for i in range(L):
+            for j in range(L):
+                want = (i in cap and j in cap and j <= i) or (i in cap and j in ctx) or \
+                       (i in ctx and j in ctx)
+                assert bool(mask[k, i, j]) == want, (k, i, j)
+    # geometry: x1/W, y1/H, x2/W, y2/H, w/W, h/H
+    box = items[1]["boxes"][3]
+    h, w = 100.0, 200.0
+    want = [box[0] / w, box[1] / h, box[2] / w, box[3] / h, (box[2] - box[0]) / w,
+            (box[3] - box[1]) / h]
+    np.testing.assert_allclose(inputs["region_geometry"][1, 3].numpy(), want, rtol=1e-6)
+
+
+def test_vqa_targets_are_dense_soft_scores(tok):
+    enc = TextEncoder(tok, CLASSES)
+    task = VQATask(enc, num_answers=5)
+    items = [task.transform(_sample("what colour is it", seed=3, answers=((1, 1.0), (4, 1 / 3)))),
+             task.transform(_sample("what colour is it", seed=4, answers=()))]
+    b = task.collate(items)
+    np.testing.assert_allclose(b["vqa_targets"].numpy(),
+                               [[0, 1, 0, 0, 1 / 3], [0, 0, 0, 0, 0]], rtol=1e-6)
+    assert "mlm_labels" not in b
+    assert model_inputs(b, 6, seq2seq=False)["attention_mask"].shape == (2, b["input_ids"].shape[1] + 3)
+
+
+def test_pretrain_swaps_tags_and_labels_matching(tok):
+    enc = TextEncoder(tok, CLASSES)
+    task = PretrainTask(enc, mask_prob=0.15, tag_mask_prob=0.15, tag_swap_prob=0.5)
+    swaps = 0
+    for seed in range(0, 40, 4):
+        items = [task.transform(_sample("a red circle and a star", n=3, seed=seed + j))
+                 for j in range(4)]
+        b = task.collate([dict(it) for it in items])
+        ta = max(len(it["text_ids"]) for it in items)
+        for k, it in enumerate(items):
+            donor = items[(k + 1) % 4]
+            swapped = it["swap"] and not np.array_equal(donor["clean_tag_ids"], it["clean_tag_ids"])
+            assert int(b["itm_labels"][k]) == (0 if swapped else 1)
+            src = donor if swapped else it
+            m = len(src["tag_ids"])
+            assert b["input_ids"][k, ta:ta + m].tolist() == list(src["tag_ids"])
+            assert b["mlm_labels"][k, ta:ta + m].tolist() == list(src["tag_labels"])
+            swaps += swapped
+    assert 0 < swaps < 40

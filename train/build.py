@@ -1,0 +1,325 @@
+"""Building a run from its config: tokenizer, answer vocabulary, annotation records, models,
+streams, loss terms. The commands in :mod:`vlkd.train.cli` are thin layers over this.
+
+A trained model directory holds everything ``evaluate`` and ``distill --teacher`` need::
+
+    config.json, model.safetensors     the model (VLModel.save_pretrained)
+    vocab.txt, tokenizer*.json         its tokenizer
+    answers.txt                        VQA answer vocabulary (vqa models)
+    vlkd_train.json                    task and input layout: max_text_len, max_tag_len,
+                                       max_regions, unique_tags, tag class names, tokenizer digest
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vlkd.common.regionset import RegionSet
+from vlkd.data.captions import load_captions, load_pairs, captions_by_image
+from vlkd.data.vqa import build_answer_vocab, load_vqa, soft_scores
+
+from .config import ConfigError, ModelSpec, RunConfig, resolved_losses
+from .model import VLConfig, VLModel
+from .stream import Record, RegionStream, resolve_tag_set
+from .tasks import Task, TextEncoder
+from .tokenizer import TokenizerError, load_tokenizer, vocab_digest
+
+log = logging.getLogger(__name__)
+
+__all__ = ["META_NAME", "ANSWERS_NAME", "read_meta", "resolve_tokenizer", "load_answers",
+           "train_records", "eval_records", "build_model", "load_model_dir", "save_model_dir",
+           "make_encoder", "make_stream", "build_combiner", "RunInputs"]
+
+META_NAME = "vlkd_train.json"
+ANSWERS_NAME = "answers.txt"
+
+
+def read_meta(model_dir: str | Path) -> dict:
+    """The ``vlkd_train.json`` of a model directory ({} when absent)."""
+    p = Path(model_dir) / META_NAME
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def _is_model_dir(path: str) -> bool:
+    return bool(path) and (Path(path) / "config.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer and answers
+# --------------------------------------------------------------------------------------------
+
+def resolve_tokenizer(cfg: RunConfig, model_dir: str = ""):
+    """``data.tokenizer``, else the model directory's, else ``model.init_text``'s."""
+    for cand in (cfg.data.tokenizer, model_dir, cfg.model.init_text):
+        if cand and ((Path(cand) / "vocab.txt").is_file() or (Path(cand) / "tokenizer.json").is_file()):
+            return load_tokenizer(cand)
+    if cfg.data.tokenizer:
+        return load_tokenizer(cfg.data.tokenizer)  # raises with the reason
+    raise TokenizerError(
+        "no tokenizer: set data.tokenizer (--tokenizer DIR) to a BERT/MiniLM directory with "
+        "vocab.txt, or build one from the annotations with `vlkd-train build-vocab --out DIR "
+        "ANNOTATION_FILES...`")
+
+
+def load_answers(cfg: RunConfig, model_dir: str = "") -> list[str]:
+    """The VQA answer vocabulary: ``data.answer_vocab``, the model directory's answers.txt, or
+    built from the training answers (normalised, at least ``data.answer_min_count`` times)."""
+    for cand in (cfg.data.answer_vocab, str(Path(model_dir) / ANSWERS_NAME) if model_dir else ""):
+        if cand and Path(cand).is_file():
+            answers = [a for a in Path(cand).read_text(encoding="utf-8").split("\n") if a]
+            if not answers:
+                raise ConfigError(f"answer vocabulary {cand} is empty")
+            return answers
+    if cfg.data.answer_vocab:
+        raise ConfigError(f"data.answer_vocab {cfg.data.answer_vocab} does not exist")
+    if not (cfg.data.vqa_questions and cfg.data.vqa_annotations):
+        raise ConfigError("the vqa task needs an answer vocabulary: data.answer_vocab, a model "
+                          "directory with answers.txt, or training questions and annotations "
+                          "(--vqa-questions, --vqa-annotations) to build it from")
+    qs = load_vqa(cfg.data.vqa_questions, cfg.data.vqa_annotations)
+    return build_answer_vocab(qs, cfg.data.answer_min_count)
+
+
+# --------------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------------
+
+def _vqa_records(questions_path: str, annotations_path: str, answers: list[str]) -> tuple:
+    qs = load_vqa(questions_path, annotations_path or None)
+    index = {a: i for i, a in enumerate(answers)}
+    records = []
+    for q in qs:
+        targets = tuple(sorted((index[a], s) for a, s in soft_scores(q.answers).items()
+                               if a in index))
+        records.append(Record(str(q.question_id), q.image_id, q.question, targets))
+    return records, qs
+
+
+def train_records(cfg: RunConfig, answers: list[str] | None = None) -> list[Record]:
+    """Training samples of ``cfg.task.name`` from the ``data`` annotation files."""
+    d, task = cfg.data, cfg.task.name
+    if task == "caption":
+        if not d.captions:
+            raise ConfigError("the caption task needs data.captions (--captions FILE)")
+        caps = _load_caption_split(d.captions, d.split)
+        return [Record(f"{c.image_id}:{c.caption_id or k}", c.image_id, c.text)
+                for k, c in enumerate(caps)]
+    if task == "vqa":
+        if not (d.vqa_questions and d.vqa_annotations):
+            raise ConfigError("the vqa task needs data.vqa_questions and data.vqa_annotations")
+        return _vqa_records(d.vqa_questions, d.vqa_annotations, answers or [])[0]
+    if task == "pretrain":
+        src = d.pairs or d.captions
+        if not src:
+            raise ConfigError("the pretrain task needs data.pairs (or data.captions)")
+        pairs = load_pairs(src)
+        return [Record(f"{c.image_id}:{c.caption_id or k}", c.image_id, c.text)
+                for k, c in enumerate(pairs)]
+    raise ConfigError(f"task.name must be caption, vqa or pretrain, got {task!r}")
+
+
+def _load_caption_split(path: str, split: str) -> list:
+    """Karpathy files are filtered by ``split``; a COCO captions file is one split already."""
+    from vlkd.data.captions import AnnotationError
+
+    try:
+        return load_captions(path, split or None)
+    except AnnotationError as e:
+        if split and "applies to Karpathy files only" in str(e):
+            return load_captions(path)
+        raise
+
+
+def eval_records(cfg: RunConfig, answers: list[str] | None = None) -> tuple[list[Record], Any]:
+    """Evaluation samples and references.
+
+    Returns:
+        caption: (one record per image, {image id: reference captions});
+        vqa: (one record per question, the questions with their human answers, or None).
+    """
+    e, task = cfg.eval, cfg.task.name
+    limit = e.max_samples
+    if task == "caption":
+        path = e.captions or cfg.data.captions
+        if not path:
+            raise ConfigError("caption evaluation needs eval.captions (--captions FILE)")
+        caps = _load_caption_split(path, e.split)
+        refs = captions_by_image(caps)
+        ids = sorted(refs)[:limit] if limit else sorted(refs)
+        return [Record(i, i) for i in ids], {i: refs[i] for i in ids}
+    if task == "vqa":
+        if not e.vqa_questions:
+            raise ConfigError("VQA evaluation needs eval.vqa_questions (--vqa-questions FILE)")
+        records, qs = _vqa_records(e.vqa_questions, e.vqa_annotations, answers or [])
+        if limit:
+            records, qs = records[:limit], qs[:limit]
+        return records, (qs if e.vqa_annotations else None)
+    raise ConfigError(f"evaluate supports the caption and vqa tasks, not {task!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+_SHAPE_FREE = {"hidden_dropout", "attention_dropout", "layer_norm_eps", "region_layer_norm_eps",
+               "initializer_range"}
+
+
+def load_model_dir(path: str | Path, overrides: dict | None = None) -> VLModel:
+    """A model from a directory: vlkd (``save_pretrained``), Oscar/VinVL or Hugging Face BERT."""
+    from . import weights
+
+    path = Path(path)
+    raw = json.loads((path / "config.json").read_text())
+    overrides = dict(overrides or {})
+    if raw.get("model_type") == "vlkd-vl":
+        bad = sorted(set(overrides) - _SHAPE_FREE)
+        if bad:
+            raise ConfigError(f"model.config {bad} cannot change a trained model's shapes ({path}); "
+                              f"only {sorted(_SHAPE_FREE)} may be overridden")
+        return VLModel.from_pretrained(path, **overrides)
+    if "img_feature_dim" in raw:  # Oscar / VinVL
+        model = VLModel(weights.config_from_oscar(raw, **overrides))
+        report = weights.load_oscar_checkpoint(model, path)
+        log.info("imported Oscar checkpoint %s: %s", path, report)
+        return model
+    raise ConfigError(f"{path} is not a vlkd model directory (config.json without model_type "
+                      "'vlkd-vl') nor an Oscar/VinVL checkpoint (no img_feature_dim); for a "
+                      "Hugging Face BERT pass it as model.init_text with a preset model")
+
+
+def build_model(spec: ModelSpec, *, region_dim: int, vocab_size: int,
+                num_answers: int | None = None) -> VLModel:
+    """The model of ``spec`` (preset, config file or directory), checked against the data.
+
+    Args:
+        spec: The ``model`` config section.
+        region_dim: The region set's feature width (a new model takes it).
+        vocab_size: The tokenizer's size (a new model takes it unless initialised from BERT).
+        num_answers: VQA answer count (a new model takes it).
+    """
+    from . import weights
+
+    if _is_model_dir(spec.model):
+        model = load_model_dir(spec.model, spec.config)
+    else:
+        base: dict[str, Any] = {}
+        if spec.model.endswith((".yaml", ".yml", ".json")):
+            import yaml
+            p = Path(spec.model)
+            if not p.is_file():
+                raise ConfigError(f"model config file {p} does not exist")
+            base = yaml.safe_load(p.read_text()) or {}
+        else:
+            base = {"preset": spec.model}
+        new = {"region_dim": region_dim, "vocab_size": vocab_size}
+        if num_answers:
+            new["num_answers"] = num_answers
+        if spec.init_text:
+            hf = json.loads((Path(spec.init_text) / "config.json").read_text())
+            new["vocab_size"] = hf["vocab_size"]
+        try:
+            cfg = VLConfig.from_dict({**new, **base, **spec.config})
+        except KeyError as e:
+            raise ConfigError(f"model {spec.model!r}: {e}") from None
+        model = VLModel(cfg)
+        if spec.init_text:
+            report = weights.init_text_from_hf(model, spec.init_text)
+            log.info("text part initialised from %s: %s", spec.init_text, report)
+    if spec.init_oscar:
+        report = weights.load_oscar_checkpoint(model, spec.init_oscar)
+        log.info("imported %s: %s", spec.init_oscar, report)
+    c = model.config
+    if c.region_dim != region_dim:
+        raise ConfigError(f"model {spec.model!r} takes {c.region_dim}-d region features but the "
+                          f"region set has {region_dim}-d ones; use the set extracted for this "
+                          "model (student vs teacher features) or another model")
+    if vocab_size > c.vocab_size:
+        raise ConfigError(f"the tokenizer has {vocab_size} tokens but model {spec.model!r} only "
+                          f"{c.vocab_size} embeddings; use the model's own tokenizer")
+    if num_answers and "vqa" in c.heads and c.num_answers != num_answers:
+        raise ConfigError(f"model {spec.model!r} predicts {c.num_answers} answers but the answer "
+                          f"vocabulary has {num_answers}; pass the model's answers.txt as "
+                          "data.answer_vocab")
+    return model
+
+
+def save_model_dir(model: VLModel, directory: Path, tokenizer, meta: dict,
+                   answers: list[str] | None = None) -> Path:
+    """Writes a complete model directory (see the module docstring)."""
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(str(directory))
+    if not (directory / "vocab.txt").is_file():  # transformers 5 writes tokenizer.json only
+        vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+        (directory / "vocab.txt").write_text("".join(t + "\n" for t, _ in vocab),
+                                             encoding="utf-8")
+    if answers:
+        (directory / ANSWERS_NAME).write_text("\n".join(answers) + "\n", encoding="utf-8")
+    (directory / META_NAME).write_text(json.dumps(meta, indent=1) + "\n")
+    return directory
+
+
+# --------------------------------------------------------------------------------------------
+# Streams and losses
+# --------------------------------------------------------------------------------------------
+
+def make_encoder(cfg: RunConfig, tokenizer, class_names: list[str]) -> TextEncoder:
+    d = cfg.data
+    return TextEncoder(tokenizer, class_names, d.max_text_len, d.max_tag_len, d.unique_tags)
+
+
+def make_stream(cfg: RunConfig, records: list[Record], task: Task, *, regions: str,
+                teacher_regions: str | None = None, shuffle: bool = True,
+                batch_size: int | None = None, rank: int = 0, world_size: int = 1) -> RegionStream:
+    d = cfg.data
+    return RegionStream(regions, records, transform=task.transform, collate=task.collate,
+                        batch_size=batch_size or d.batch_size, teacher_regions=teacher_regions,
+                        tag_regions=d.tag_regions or None, shuffle=shuffle, seed=cfg.train.seed,
+                        chunk_size=d.chunk_size, shuffle_buffer=d.shuffle_buffer,
+                        num_workers=d.num_workers, rank=rank, world_size=world_size)
+
+
+def build_combiner(cfg: RunConfig, student: VLModel, teacher: VLModel | None):
+    """The loss terms of the run (defaults for the task and command, merged with ``losses``)."""
+    from .losses import LossCombiner
+
+    terms = resolved_losses(cfg, distill=teacher is not None)
+    combiner = LossCombiner.from_config(terms, student.config,
+                                        teacher.config if teacher is not None else None)
+    if teacher is None and combiner.needs_teacher:
+        need = [n for n, m in combiner.terms.items() if m.needs_teacher and combiner.weights[n]]
+        raise ConfigError(f"loss terms {need} need a teacher; use `vlkd-train distill` or set "
+                          f"their weight to 0")
+    return combiner
+
+
+@dataclass
+class RunInputs:
+    """What a training command assembled (kept together for the trainer and evaluation)."""
+
+    tokenizer: Any
+    encoder: TextEncoder
+    task: Task
+    answers: list[str] | None
+    class_names: list[str]
+    meta: dict
+
+
+def run_meta(cfg: RunConfig, tokenizer, class_names: list[str]) -> dict:
+    """The input layout a model was trained with (written as ``vlkd_train.json``)."""
+    from vlkd import __version__
+
+    d = cfg.data
+    return {"task": cfg.task.name, "max_text_len": d.max_text_len, "max_tag_len": d.max_tag_len,
+            "max_regions": d.max_regions, "unique_tags": d.unique_tags,
+            "class_names": class_names, "tokenizer_digest": vocab_digest(tokenizer),
+            "tool_version": __version__}
+
+
+def tag_class_names(regions: str, tag_regions: str = "") -> list[str]:
+    """Class names of the set that gives the tags for ``regions``."""
+    return list(resolve_tag_set(RegionSet(regions), tag_regions or None).class_names)

@@ -1,0 +1,482 @@
+"""Training configuration: dataclasses with defaults, loaded from YAML, overridden from the
+command line with ``--set section.key=value``, saved resolved next to every run.
+
+A config file mirrors :class:`RunConfig`'s sections::
+
+    model: {model: student, init_text: /models/MiniLM-L12-H384-uncased}
+    data:  {regions: /data/coco-student, captions: /data/dataset_coco.json, batch_size: 64}
+    optim: {lr: 1.0e-4, warmup_ratio: 0.05}
+    train: {epochs: 30, checkpoint_every: 2000, eval_every: 2000}
+    distill: {teacher: runs/teacher-vta/best}
+    losses:                       # merged over the defaults of the task (and distill)
+      hidden: {weight: 2.0, params: {queue_size: 8192}}
+
+``--set optim.lr=3e-5`` parses the value as YAML (numbers, booleans, lists, mappings) and
+checks it against the field's type. Every field is documented in docs/TRAIN.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["ModelSpec", "DataConfig", "TaskConfig", "OptimConfig", "TrainConfig",
+           "DistillConfig", "EvalConfig", "RunConfig", "load_config", "apply_overrides",
+           "save_config", "config_to_dict", "ConfigError", "default_losses", "resolved_losses",
+           "deep_merge"]
+
+
+class ConfigError(ValueError):
+    """A config file or override does not fit the config schema."""
+
+
+@dataclass
+class ModelSpec:
+    """Which model to train (or evaluate).
+
+    Attributes:
+        model: A preset name (``tiny``, ``tiny-teacher``, ``student``, ``teacher``), a YAML/JSON
+            file with :class:`~vlkd.train.model.VLConfig` fields (``preset:`` allowed), or a
+            directory written by ``save_pretrained`` (a checkpoint's ``model/`` or a run's
+            ``best/``).
+        config: VLConfig fields overriding the preset/file (ignored for a model directory,
+            except fields that do not change shapes, e.g. dropout). ``region_dim`` defaults to
+            the region set's feature width.
+        init_text: A Hugging Face BERT/MiniLM directory initialising the text part.
+        init_oscar: An Oscar/VinVL ``pytorch_model.bin`` (or its directory) to import.
+    """
+
+    model: str = "tiny"
+    config: dict = field(default_factory=dict)
+    init_text: str = ""
+    init_oscar: str = ""
+
+
+@dataclass
+class DataConfig:
+    """Region sets, annotations, tokenisation and the streaming loader.
+
+    Attributes:
+        regions: The trained model's region set (the student set for ``distill``; for teacher
+            adaptation, the teacher-features set pooled over the student's boxes).
+        teacher_regions: ``distill``: the teacher-features set aligned to ``regions``.
+        tag_regions: The set whose box classes and class names give the object tags. Default:
+            ``regions`` when it is a proposals set, else the proposals set a teacher-features
+            set records in ``aligned_to`` (tags are the student detector's classes, so the
+            teacher and the student read the same tag sequence).
+        captions: Karpathy ``dataset_coco.json`` or COCO ``captions_*.json`` (caption task).
+        split: Karpathy split to train on (``train`` includes ``restval``); empty for COCO files.
+        vqa_questions: VQA v2 questions JSON (vqa task).
+        vqa_annotations: VQA v2 annotations JSON (vqa task).
+        answer_vocab: Answer vocabulary file, one answer per line. Default: the model
+            directory's ``answers.txt``, else built from the training answers.
+        answer_min_count: Minimum count of an answer in the training answers to enter a built
+            vocabulary.
+        pairs: (image id, caption) pairs for the pretrain task (TSV or JSON).
+        tokenizer: Directory with a BERT WordPiece ``vocab.txt``. Default: the model
+            directory's tokenizer.
+        max_text_len: Caption / question tokens, [CLS] and [SEP] included.
+        max_tag_len: Tag tokens, the closing [SEP] included.
+        max_regions: Regions per image (the first ones, in stored order).
+        unique_tags: One tag per distinct class instead of one per box.
+        batch_size: Samples per batch and process.
+        num_workers: DataLoader worker processes per process.
+        chunk_size: Consecutive images read at once from a shard.
+        shuffle_buffer: Samples in the shuffle buffer (0: no buffer shuffle).
+    """
+
+    regions: str = ""
+    teacher_regions: str = ""
+    tag_regions: str = ""
+    captions: str = ""
+    split: str = "train"
+    vqa_questions: str = ""
+    vqa_annotations: str = ""
+    answer_vocab: str = ""
+    answer_min_count: int = 9
+    pairs: str = ""
+    tokenizer: str = ""
+    max_text_len: int = 40
+    max_tag_len: int = 30
+    max_regions: int = 50
+    unique_tags: bool = False
+    batch_size: int = 32
+    num_workers: int = 2
+    chunk_size: int = 64
+    shuffle_buffer: int = 1024
+
+
+@dataclass
+class TaskConfig:
+    """What is learnt.
+
+    Attributes:
+        name: ``caption`` (Oscar masked seq2seq), ``vqa`` (soft-score BCE) or ``pretrain``
+            (masked tokens over text and tags + contrastive tag swap).
+        mask_prob: Fraction of caption (text) tokens masked.
+        max_masked: At most this many masked text tokens per sample (Oscar: 3).
+        tag_mask_prob: pretrain: fraction of tag tokens masked.
+        tag_swap_prob: pretrain: probability that a sample's tags are replaced by another
+            sample's (image-text matching label 0).
+        label_smoothing: Masked-token cross-entropy label smoothing.
+    """
+
+    name: str = "caption"
+    mask_prob: float = 0.15
+    max_masked: int = 3
+    tag_mask_prob: float = 0.15
+    tag_swap_prob: float = 0.5
+    label_smoothing: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then linear decay to zero.
+
+    Attributes:
+        lr: Peak learning rate.
+        weight_decay: AdamW decay (not applied to biases and LayerNorm weights).
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        warmup_steps: Warm-up optimizer steps (wins over ``warmup_ratio`` when > 0).
+        warmup_ratio: Warm-up as a fraction of all optimizer steps.
+        max_grad_norm: Gradient clipping norm (0: no clipping).
+        grad_accum: Micro-batches per optimizer step.
+    """
+
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.05
+    max_grad_norm: float = 1.0
+    grad_accum: int = 1
+
+
+@dataclass
+class TrainConfig:
+    """The loop.
+
+    Attributes:
+        output_dir: Run directory (config, metrics.jsonl, TensorBoard, checkpoints, best/).
+        seed: Seeds the model init, the data order, masking and dropout.
+        epochs: Passes over the data (when ``max_steps`` is 0).
+        max_steps: Optimizer steps to run (0: ``epochs`` worth).
+        log_every: Optimizer steps between metric lines.
+        checkpoint_every: Optimizer steps between checkpoints (0: only at the end).
+        keep_checkpoints: Most recent checkpoints kept (the best one is kept apart).
+        eval_every: Optimizer steps between evaluations (0: only at the end, when an eval
+            set is configured).
+        amp: ``auto`` (bf16 on a CUDA device that supports it, else fp16; none on CPU),
+            ``bf16``, ``fp16`` or ``none``.
+        device: ``auto``, ``cpu``, ``cuda`` (under torchrun each rank takes its local GPU).
+        progress: Show a progress bar (rank 0).
+        tensorboard: Write TensorBoard events under ``<output_dir>/tb``.
+        stop_after: Stop (as if killed, without a final checkpoint) after this optimizer step;
+            0 never. For exercising ``--resume``.
+        log_samples: Write the keys of the samples every rank trained on, per step, to
+            ``<output_dir>/samples/rank<r>.jsonl`` (an audit of the data order).
+    """
+
+    output_dir: str = "runs/train"
+    seed: int = 42
+    epochs: int = 1
+    max_steps: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    eval_every: int = 0
+    amp: str = "auto"
+    device: str = "auto"
+    progress: bool = True
+    tensorboard: bool = True
+    stop_after: int = 0
+    log_samples: bool = False
+
+
+@dataclass
+class DistillConfig:
+    """``distill`` only.
+
+    Attributes:
+        teacher: Teacher model directory (``save_pretrained`` format), frozen in eval mode.
+    """
+
+    teacher: str = ""
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation (``evaluate``, and periodic evaluation during training).
+
+    Attributes:
+        regions: Region set of the evaluated images (default: ``data.regions``).
+        captions: Caption references (default: ``data.captions``).
+        split: Karpathy split evaluated (``val`` during training, ``test`` for reports).
+        vqa_questions: VQA questions of the evaluated split.
+        vqa_annotations: Their annotations (none: predictions only, no accuracy).
+        beam_size: Captioning beam width (1 = greedy).
+        max_len: Longest generated caption, in tokens.
+        batch_size: Images (or questions) per batch.
+        max_samples: Evaluate only the first N images / questions (0: all); periodic
+            evaluation on a subset keeps it cheap.
+        metric: The score that picks the best checkpoint (default: ``CIDEr`` for captions,
+            ``accuracy`` for VQA).
+        spice: ``auto`` (when its Java models are present), ``true`` or ``false``.
+    """
+
+    regions: str = ""
+    captions: str = ""
+    split: str = "val"
+    vqa_questions: str = ""
+    vqa_annotations: str = ""
+    beam_size: int = 5
+    max_len: int = 20
+    batch_size: int = 32
+    max_samples: int = 0
+    metric: str = ""
+    spice: str = "auto"
+
+
+@dataclass
+class RunConfig:
+    """Everything a ``vlkd-train`` run needs; its resolved form is ``<output_dir>/config.yaml``."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    #: Loss terms ``{name: {type, weight, params}}`` (:class:`vlkd.train.losses.LossCombiner`),
+    #: merged key by key over the defaults of the task and command (see :func:`default_losses`).
+    losses: dict = field(default_factory=dict)
+
+
+def default_losses(task: str, distill: bool, label_smoothing: float = 0.1) -> dict:
+    """The loss terms a run starts from, before ``losses:`` from the config is merged in.
+
+    caption: ``task`` = masked-token CE (label smoothing); vqa: ``task`` = soft-score BCE;
+    pretrain: ``mlm`` = masked-token CE over text and tags + ``itm`` = tag-swap matching CE.
+    distill adds the paper's terms: ``attention`` (attention-distribution MSE, uniform layer
+    map) and ``hidden`` (token-wise InfoNCE against a queue of 4096 teacher tokens, τ = 0.07),
+    and a ``logits`` term (logit KD, weight 0 = off).
+    """
+    if task == "caption":
+        terms = {"task": {"type": "masked_token_ce", "weight": 1.0,
+                          "params": {"label_smoothing": label_smoothing}}}
+    elif task == "vqa":
+        terms = {"task": {"type": "vqa_bce", "weight": 1.0, "params": {}}}
+    elif task == "pretrain":
+        terms = {"mlm": {"type": "masked_token_ce", "weight": 1.0,
+                         "params": {"label_smoothing": 0.0}},
+                 "itm": {"type": "itm_ce", "weight": 1.0, "params": {}}}
+    else:
+        raise ConfigError(f"task.name must be caption, vqa or pretrain, found {task!r}")
+    if distill:
+        terms["attention"] = {"type": "attention_mse", "weight": 1.0,
+                              "params": {"layer_map": "uniform", "target": "probs"}}
+        terms["hidden"] = {"type": "hidden_infonce", "weight": 1.0,
+                           "params": {"layer_map": "uniform", "queue_size": 4096,
+                                      "temperature": 0.07}}
+        terms["logits"] = {"type": "logit_kd", "weight": 0.0,
+                           "params": {"temperature": 1.0,
+                                      "head": "vqa" if task == "vqa" else "mlm"}}
+    return terms
+
+
+def resolved_losses(cfg: "RunConfig", distill: bool) -> dict:
+    """Default loss terms for the run's task and command with ``cfg.losses`` merged in."""
+    return deep_merge(default_losses(cfg.task.name, distill, cfg.task.label_smoothing),
+                      cfg.losses)
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """A copy of ``base`` with ``update`` merged in, mapping by mapping."""
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) \
+            else v
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Checks (and mildly converts) a YAML value against a field annotation."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(typ):
+            if arg is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} does not fit {typ}")
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {typ.__name__} fields, found "
+                              f"{type(value).__name__} {value!r}")
+        return _build(typ, value, where)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, found {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, found {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "3e-5" (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, found {value!r}")
+        return float(value)
+    if typ is str:
+        if value is None:
+            return ""
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, found {value!r}")
+        return str(value)
+    if typ in (list, dict) or origin in (list, dict):
+        base = origin or typ
+        if not isinstance(value, base):
+            raise ConfigError(f"{where}: expected a {base.__name__}, found {value!r}")
+        return value
+    return value
+
+
+def _build(cls, values: dict, where: str = ""):
+    """Builds dataclass ``cls`` from a mapping, refusing unknown keys (typos)."""
+    hints = _field_types(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where or cls.__name__}: unknown keys {unknown}; known keys: "
+                          f"{sorted(known)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """A plain (YAML/JSON-ready) dict of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def _is_free_dict(cls, name: str) -> bool:
+    typ = _field_types(cls)[name]
+    return typ is dict or typing.get_origin(typ) is dict
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> RunConfig:
+    """Applies ``section.key=value`` overrides (value parsed as YAML) to a config.
+
+    Inside a mapping-valued field any key path is allowed: ``losses.hidden.weight=2.0``,
+    ``model.config.hidden_dropout=0``.
+
+    Raises:
+        ConfigError: malformed override, unknown key or wrongly typed value.
+    """
+    data = config_to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. optim.lr=3e-5")
+        key, raw = item.split("=", 1)
+        path = [p for p in key.strip().split(".")]
+        if not all(path):
+            raise ConfigError(f"--set {item!r}: empty key component")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from None
+        node, cls, free = data, RunConfig, False
+        for depth, part in enumerate(path):
+            last = depth == len(path) - 1
+            if not free:
+                known = {f.name for f in dataclasses.fields(cls)}
+                if part not in known:
+                    raise ConfigError(f"--set {item!r}: unknown key {'.'.join(path[:depth + 1])!r}"
+                                      f"; known here: {sorted(known)} (docs/TRAIN.md)")
+                typ = _field_types(cls)[part]
+                if last:
+                    node[part] = value
+                elif dataclasses.is_dataclass(typ):
+                    node, cls = node[part], typ
+                elif _is_free_dict(cls, part):
+                    node, free = node[part], True
+                else:
+                    raise ConfigError(f"--set {item!r}: {'.'.join(path[:depth + 1])!r} is a "
+                                      "value, not a section")
+            else:
+                if last:
+                    node[part] = value
+                else:
+                    if not isinstance(node.get(part), dict):
+                        node[part] = {}
+                    node = node[part]
+    return _build(RunConfig, data)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: RunConfig | None = None) -> RunConfig:
+    """Reads a YAML config (missing keys keep their defaults) and applies overrides.
+
+    Mapping-valued fields (``losses``, ``model.config``) merge key by key, so a file can change
+    one loss weight without restating the term.
+
+    Args:
+        path: YAML file, or None for the defaults.
+        overrides: ``section.key=value`` strings.
+        base: Defaults to start from (default: ``RunConfig()``).
+    """
+    cfg = base or RunConfig()
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass a YAML file with the "
+                              "sections model/data/task/optim/train/distill/eval/losses (see "
+                              "configs/train/)")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, found {type(raw).__name__}")
+        data = config_to_dict(cfg)
+        for section, values in raw.items():
+            if section not in data:
+                raise ConfigError(f"{path}: unknown section {section!r}; known sections: "
+                                  f"{sorted(data)}")
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: section {section!r} must be a mapping")
+            data[section] = deep_merge(data[section], values)
+        try:
+            cfg = _build(RunConfig, data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    return apply_overrides(cfg, overrides) if overrides else cfg
+
+
+def save_config(cfg: RunConfig, directory: str | Path, name: str = "config.yaml") -> Path:
+    """Writes the resolved config as YAML (loadable again with :func:`load_config`)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    out = directory / name
+    out.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    return out
