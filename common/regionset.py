@@ -1212,6 +1212,15 @@ class ShardReader:
             self._index = int(self.attrs["shard_index"])
         return self._index
 
+    def release_maps(self) -> None:
+        """Drop this process's memory maps of the shard's files.
+
+        Pages copied out of a map stay mapped (and count in RSS) until the map goes; a reader
+        streaming many shards calls this when it moves past one, so memory stays flat. The next
+        read maps the file again.
+        """
+        _MAPS.forget(str(self.path))
+
     def __len__(self) -> int:
         return self.data.num_images
 

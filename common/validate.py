@@ -201,7 +201,9 @@ def _check_regions(rep: _Report, where: str, shard: ShardReader) -> None:
                "images with bad image_hw")
     for name in ("boxes", "scores"):
         a = getattr(shard, name)
-        rows = np.nonzero(~np.isfinite(a.reshape(len(a), -1)).all(axis=1))[0]
+        # (R,) scores or (R, 4) boxes; R may be 0, which reshape(0, -1) cannot take.
+        finite = np.isfinite(a) if a.ndim == 1 else np.isfinite(a).all(axis=1)
+        rows = np.nonzero(~finite)[0]
         if rows.size:
             img = np.searchsorted(o, rows, side="right") - 1
             rep.capped("error", where, [(f"[image {int(i)} {ids[int(i)]!r}]",

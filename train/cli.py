@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -361,18 +362,25 @@ def _evaluate(model_dir, regions, task, greedy, output_dir, config_path, overrid
                                    batch_size=cfg.eval.batch_size, rank=env.rank,
                                    world_size=env.world_size)
         amp = amp_dtype(cfg.train.amp, env.device)
+        t_predict = time.perf_counter()
         if task == "caption":
             preds = predict_captions(model, stream, tokenizer, device=env.device, amp=amp,
                                      beam_size=cfg.eval.beam_size, max_len=cfg.eval.max_len,
                                      max_text_len=cfg.data.max_text_len, env=env)
         else:
             preds = predict_vqa(model, stream, answers, device=env.device, amp=amp, env=env)
+        t_predict = time.perf_counter() - t_predict
         if env.is_main:
             out = Path(output_dir)
             pred_path = write_predictions(task, preds, out / f"predictions_{task}.json")
             scores = score_predictions(task, preds, refs, cfg.eval.spice)
             scores = {"task": task, "model": str(model_dir), "regions": str(regions),
                       "num_predictions": len(preds), "beam_size": cfg.eval.beam_size,
+                      # inference cost: parameters, and wall time per sample (reading,
+                      # forward, decoding) on this process's device
+                      "num_parameters": sum(p.numel() for p in model.parameters()),
+                      "seconds_per_sample": t_predict * env.world_size / max(len(preds), 1),
+                      "device": str(env.device),
                       **scores}
             (out / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
             for k, v in scores.items():
@@ -413,3 +421,26 @@ def build_vocab_cmd(files, out, vocab_size, min_frequency, region_sets, cased):
 
 if __name__ == "__main__":
     main()
+
+
+# --------------------------------------------------------------------------------- attention
+@main.command("show-attention")
+@click.option("--teacher", required=True, help="Teacher model directory.")
+@click.option("--student", required=True, help="Student model directory.")
+@click.option("--student-regions", required=True, help="Student (proposals) region set.")
+@click.option("--teacher-regions", required=True, help="Teacher set aligned to it.")
+@click.option("--captions", required=True, help="Caption file the example is taken from.")
+@click.option("--split", default="test", help="Karpathy split.")
+@click.option("--index", default=0, type=int, help="Which caption (sorted by image id).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output PNG.")
+def show_attention(teacher, student, student_regions, teacher_regions, captions, split, index,
+                   out):
+    """Draw teacher and student attention maps (last layer) for one caption example."""
+    from .visualize import attention_figure
+
+    try:
+        info = attention_figure(teacher, student, student_regions, teacher_regions, captions,
+                                split, out, index=index)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        _fail(e)
+    click.echo(f"image {info['image_id']}: attention MSE {info['mse']:.3e} -> {out}")

@@ -576,19 +576,11 @@ class RegionStream(IterableDataset):
 
 
 def _release(readers: tuple) -> None:
-    """Drops this process's memory maps of a shard the stream has moved past.
-
-    The region-set reader keeps per-process maps of shard files (up to 256, least recently used
-    first); pages copied out of a map stay mapped and count in this process's RSS until the map
-    goes, so an epoch over a large set would look like growing memory. The reader has no public
-    call for this yet, hence the module-level cache's ``forget``.
-    """
-    from vlkd.common import regionset
-
-    maps = getattr(regionset, "_MAPS", None)
+    """Drops this process's memory maps of a shard the stream has moved past, so that pages
+    copied out of them stop counting in RSS: memory stays flat over an epoch of a large set."""
     for rd in readers:
-        if rd is not None and maps is not None and hasattr(maps, "forget"):
-            maps.forget(str(rd.path))
+        if rd is not None:
+            rd.release_maps()
 
 
 def _dist_rank_world() -> tuple[int, int]:

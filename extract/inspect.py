@@ -1,0 +1,375 @@
+"""`vlkd-extract inspect` and the report of `vlkd-extract validate`: what a region set holds.
+
+- :func:`summarize_set`: role, detector, shards, images, regions per image (min/mean/max),
+  feature dim and dtype, the most frequent object tags, failures, size on disk. Reads only the
+  small per-image arrays, never the features.
+- :func:`draw_image`: one image with its boxes and object tags (class name and score) as a
+  PNG. Given a teacher set and its proposals (they share the boxes), the student's tags and
+  the teacher's are drawn side by side, box ``j`` in the same colour in both panels, which
+  shows at a glance what Visual Token Alignment gives the two models.
+- :func:`validate_report`: the findings of ``vlkd.common.validate`` plus the teacher-side
+  alignment checks (``vlkd.extract.alignment``) as a table, and the exit status.
+"""
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from vlkd.common.manifest import ManifestError, read_manifest
+from vlkd.common.regionset import RegionSet, RegionSetError
+from vlkd.common.validate import Finding, validate_region_set
+from vlkd.data.images import ImageDecodeError, ImageSourceError, open_image_source, read_image
+
+from .alignment import TEACHER_ROLE, teacher_alignment_findings
+
+#: Distinct colours for boxes (box j gets colour j mod len): Tableau 10.
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+class InspectError(RuntimeError):
+    """The set, the image or its file cannot be shown (message says what to do)."""
+
+
+# ---------------------------------------------------------------------------------- summary
+
+def _size_on_disk(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def summarize_set(path: str | os.PathLike, top_classes: int = 5) -> dict:
+    """Summarise a region set from its manifest and small arrays.
+
+    Args:
+        path: the set directory.
+        top_classes: how many of the most frequent classes to list.
+
+    Returns:
+        A JSON-serialisable dict (see :func:`format_summary` for the fields).
+    """
+    path = Path(path)
+    try:
+        rs = RegionSet(path)
+    except RegionSetError as e:
+        raise InspectError(str(e)) from None
+    m = rs.manifest
+    counts = []
+    class_counts = np.zeros(max(1, len(rs.class_names)), np.int64)
+    for shard in rs.shards:
+        counts.append(np.diff(shard.offsets))
+        c = shard.classes
+        if c.size:
+            c = c[(c >= 0)]
+            if c.size and c.max() >= class_counts.size:
+                class_counts = np.pad(class_counts, (0, int(c.max()) + 1 - class_counts.size))
+            class_counts += np.bincount(c, minlength=class_counts.size)
+    per_image = np.concatenate(counts) if counts else np.zeros(0, np.int64)
+    names = rs.class_names
+    order = np.argsort(-class_counts, kind="stable")[:top_classes]
+    total_regions = int(per_image.sum())
+    top = [{"class": int(i), "name": names[i] if i < len(names) else f"class_{i}",
+            "regions": int(class_counts[i]),
+            "fraction": float(class_counts[i] / total_regions) if total_regions else 0.0}
+           for i in order if class_counts[i] > 0]
+    det = m.get("detector") or {}
+    pre = m.get("preprocessing") or {}
+    failures = m.get("failures", [])
+    out = {
+        "path": str(path),
+        "role": m.get("role"),
+        "detector": {k: det.get(k) for k in ("name", "kind", "roi_heads", "config_digest",
+                                             "weights_digest") if k in det},
+        "input_size": f"{pre.get('min_size')}/{pre.get('max_size')} {pre.get('input_format')}"
+        if pre else None,
+        "backend": m.get("backend"),
+        "num_shards": rs.num_shards,
+        "complete_shards": len(rs.shards),
+        "missing_shards": rs.missing_shards,
+        "images": int(per_image.size),
+        "regions": total_regions,
+        "regions_per_image": {
+            "min": int(per_image.min()) if per_image.size else 0,
+            "mean": float(per_image.mean()) if per_image.size else 0.0,
+            "max": int(per_image.max()) if per_image.size else 0,
+            "images_without_regions": int((per_image == 0).sum())},
+        "feature_dim": rs.feature_dim,
+        "feature_dtype": rs.feature_dtype.name,
+        "num_classes": len(names),
+        "top_classes": top,
+        "failures": len(failures),
+        "failure_examples": [{"image_id": f.get("image_id"), "reason": f.get("reason")}
+                             for f in failures[:5]],
+        "bytes_on_disk": _size_on_disk(path),
+    }
+    if m.get("aligned_to"):
+        a = m["aligned_to"]
+        out["aligned_to"] = {"path": a.get("path"), "manifest_digest": a.get("manifest_digest")}
+    return out
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def format_summary(s: dict) -> str:
+    """The summary as an aligned two-column table."""
+    rpi = s["regions_per_image"]
+    det = s["detector"]
+    rows = [
+        ("set", s["path"]),
+        ("role", str(s["role"])),
+        ("detector", f"{det.get('name')} ({det.get('kind') or det.get('roi_heads')}), input "
+                     f"{s['input_size']}"),
+    ]
+    if "aligned_to" in s:
+        rows.append(("aligned to", f"{s['aligned_to']['path']} (manifest "
+                                   f"{str(s['aligned_to']['manifest_digest'])[:12]}…)"))
+    shards = f"{s['complete_shards']} of {s['num_shards']} complete ({s['backend']})"
+    if s["missing_shards"]:
+        miss = s["missing_shards"]
+        shards += f"; missing {miss[:10]}{' …' if len(miss) > 10 else ''}"
+    rows += [
+        ("shards", shards),
+        ("images", str(s["images"])),
+        ("regions", str(s["regions"])),
+        ("regions / image", f"min {rpi['min']}, mean {rpi['mean']:.1f}, max {rpi['max']}"
+                            f" ({rpi['images_without_regions']} image(s) with none)"),
+        ("features", f"{s['feature_dim']} x {s['feature_dtype']}"),
+        ("classes", f"{s['num_classes']}; most frequent: " + (", ".join(
+            f"{t['name']} {100 * t['fraction']:.0f}%" for t in s["top_classes"]) or "none")),
+        ("failures", str(s["failures"])),
+    ]
+    for f in s["failure_examples"]:
+        rows.append(("", f"{f['image_id']}: {f['reason']}"))
+    rows.append(("size on disk", _human_bytes(s["bytes_on_disk"])))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+# ---------------------------------------------------------------------------------- drawing
+
+def _find_image(image_id: str, manifest: dict, images: str | None,
+                image_root: str | None) -> str:
+    if images is None:
+        src = manifest.get("image_source") or {}
+        images = src.get("path")
+        if images is None or not os.path.exists(images):
+            raise InspectError(
+                f"the set's image source {images!r} is not here; pass --images (and "
+                "--image-root) pointing at the images")
+        if src.get("kind") in ("coco", "karpathy") and image_root is None:
+            raise InspectError(f"the set's image source {images} is a {src['kind']} JSON file; "
+                               "pass --image-root (the folder holding the images)")
+    try:
+        source = open_image_source(images, image_root)
+    except ImageSourceError as e:
+        raise InspectError(str(e)) from None
+    for r in source.records:
+        if r.image_id == image_id:
+            return r.path
+    raise InspectError(f"image {image_id!r} is not in the image source {images}; pass --images "
+                       "pointing at a source that holds it")
+
+
+def _label_font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: a fixed bitmap font
+        return ImageFont.load_default()
+
+
+def render_panels(rgb: np.ndarray, boxes: np.ndarray,
+                  panels: list[tuple[str, list[str]]]) -> Image.Image:
+    """Draw the same boxes once per panel, each panel with its own labels, side by side.
+
+    Args:
+        rgb: (H, W, 3) uint8 image.
+        boxes: (n, 4) x1 y1 x2 y2 in the image's pixels.
+        panels: ``(title, labels)`` per panel; ``labels`` has n strings.
+
+    Returns:
+        The figure (width ``len(panels) * W``, plus a title strip on top).
+    """
+    h, w = rgb.shape[:2]
+    # Labels stay readable on small images: draw on an upscaled copy.
+    scale = max(1.0, 480.0 / max(h, w))
+    sw, sh = int(round(w * scale)), int(round(h * scale))
+    base = Image.fromarray(rgb).resize((sw, sh), Image.BILINEAR) if scale > 1 else \
+        Image.fromarray(rgb)
+    font = _label_font(12)
+    title_h = 20
+    fig = Image.new("RGB", (sw * len(panels), sh + title_h), (255, 255, 255))
+    for p, (title, labels) in enumerate(panels):
+        panel = base.copy()
+        d = ImageDraw.Draw(panel)
+        for j, (b, label) in enumerate(zip(boxes, labels)):
+            color = PALETTE[j % len(PALETTE)]
+            x1, y1, x2, y2 = (float(v) * scale for v in b)
+            d.rectangle([x1, y1, x2, y2], outline=color, width=2)
+            tx, ty = x1 + 2, max(0.0, y1 - 14) if y1 >= 14 else y1 + 2
+            bbox = d.textbbox((tx, ty), label, font=font)
+            d.rectangle(bbox, fill=color)
+            d.text((tx, ty), label, fill=(255, 255, 255), font=font)
+        fig.paste(panel, (p * sw, title_h))
+        ImageDraw.Draw(fig).text((p * sw + 4, 3), title, fill=(0, 0, 0), font=font)
+    return fig
+
+
+def _labels(classes: np.ndarray, scores: np.ndarray, names: list[str]) -> list[str]:
+    return [f"{j}: {names[c] if 0 <= c < len(names) else f'class_{c}'} {s:.2f}"
+            for j, (c, s) in enumerate(zip(classes.tolist(), scores.tolist()))]
+
+
+def draw_image(set_dir: str | os.PathLike, image_id: str, out_png: str | os.PathLike, *,
+               other: str | os.PathLike | None = None, images: str | None = None,
+               image_root: str | None = None, max_boxes: int | None = None) -> str:
+    """Draw one image's boxes with the object tags of one set, or of two sets side by side.
+
+    Args:
+        set_dir: a region set.
+        image_id: the image.
+        out_png: where to write the PNG.
+        other: a second set with the same boxes for this image (default for a teacher set:
+            its proposals at ``aligned_to.path``, when that exists).
+        images, image_root: where the image file is (default: the set's image source).
+        max_boxes: draw only the first boxes (proposals store them best first).
+
+    Returns:
+        A one-line note of what was drawn.
+
+    Raises:
+        InspectError: the image is not in the set(s), cannot be found or read, has another
+            size than stored, or the two sets' boxes differ for it.
+    """
+    sets = [RegionSet(set_dir)]
+    m = sets[0].manifest
+    if other is None and m.get("role") == TEACHER_ROLE:
+        p = (m.get("aligned_to") or {}).get("path")
+        if p and os.path.exists(os.path.join(p, "manifest.json")):
+            other = p
+    if other is not None:
+        sets.append(RegionSet(other))
+        # Student (proposals) on the left, teacher on the right.
+        if sets[0].manifest.get("role") == TEACHER_ROLE:
+            sets.reverse()
+    regions = []
+    for rs in sets:
+        try:
+            regions.append(rs.get(image_id))
+        except KeyError:
+            failed = [f for f in rs.manifest.get("failures", []) if f.get("image_id") ==
+                      image_id]
+            why = f" (it failed: {failed[0].get('reason')})" if failed else ""
+            raise InspectError(f"image {image_id!r} is not in {rs.path}{why}") from None
+    if len(regions) == 2 and regions[0].box_digest != regions[1].box_digest:
+        raise InspectError(f"the two sets have different boxes for {image_id!r} (box digests "
+                           f"{regions[0].box_digest.hex()[:10]}… vs "
+                           f"{regions[1].box_digest.hex()[:10]}…): they are not aligned, so "
+                           "their tags cannot be compared box by box")
+    path = _find_image(image_id, m, images, image_root)
+    try:
+        dec = read_image(path)
+    except ImageDecodeError as e:
+        raise InspectError(f"{path}: {e}") from None
+    if tuple(dec.hw) != tuple(regions[0].image_hw):
+        raise InspectError(f"{path} is {dec.hw[0]}x{dec.hw[1]} but the set stored image "
+                           f"{image_id!r} as {regions[0].image_hw[0]}x{regions[0].image_hw[1]}; "
+                           "pass --images pointing at the images the set was made from")
+    n = regions[0].num_regions if max_boxes is None else min(max_boxes,
+                                                            regions[0].num_regions)
+    panels = []
+    for rs, r in zip(sets, regions):
+        role = rs.manifest.get("role", "?")
+        who = {"proposals": "student", TEACHER_ROLE: "teacher"}.get(role, role)
+        det = (rs.manifest.get("detector") or {}).get("name", "?")
+        panels.append((f"{who} tags ({det})",
+                       _labels(r.classes[:n], r.scores[:n], rs.class_names)))
+    fig = render_panels(dec.rgb, regions[0].boxes[:n], panels)
+    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+    fig.save(out_png, format="PNG")
+    return (f"drew {n} box(es) of {image_id!r} with "
+            f"{' and '.join(t for t, _ in panels)} to {out_png}")
+
+
+# ------------------------------------------------------------------------------- validation
+
+def validate_report(set_dir: str | os.PathLike, *, against: str | None = None,
+                    check_features: bool = True) -> tuple[str, int]:
+    """Validate a set (and its alignment) and render the findings as a table.
+
+    Args:
+        set_dir: the set.
+        against: the proposals set a teacher set must be aligned with (default: the teacher
+            set's ``aligned_to.path`` when it exists).
+        check_features: stream every feature row (NaN/Inf, content digests).
+
+    Returns:
+        ``(text, exit status)``: 0 clean, 1 errors, 2 warnings only.
+    """
+    notes = []
+    try:
+        m = read_manifest(set_dir)
+    except ManifestError:
+        m = {}
+    if against is None and m.get("role") == TEACHER_ROLE:
+        p = (m.get("aligned_to") or {}).get("path")
+        if p and os.path.exists(os.path.join(p, "manifest.json")):
+            against = p
+            notes.append(f"alignment checked against {p} (aligned_to.path)")
+        else:
+            notes.append(f"alignment not checked: its proposals set {p!r} is not here (pass "
+                         "--against)")
+    findings = validate_region_set(set_dir, against=against, check_features=check_features)
+    if against is not None and m.get("role") == TEACHER_ROLE:
+        findings += teacher_alignment_findings(set_dir, against)
+    elif against is not None and m:
+        findings.append(Finding("error", "alignment", f"{set_dir} is a {m.get('role')!r} set; "
+                                "--against checks a teacher-features set against its "
+                                "proposals"))
+    errors = sum(f.level == "error" for f in findings)
+    warnings = len(findings) - errors
+    lines = [format_findings(findings)] if findings else []
+    lines += notes
+    if not findings:
+        what = "features streamed" if check_features else "small arrays only"
+        lines.append(f"{set_dir}: clean ({what})")
+    else:
+        lines.append(f"{set_dir}: {errors} error(s), {warnings} warning(s)")
+    return "\n".join(lines), (1 if errors else 2 if warnings else 0)
+
+
+def format_findings(findings: list[Finding], width: int = 100) -> str:
+    """Findings as a table: level, where, message (wrapped)."""
+    if not findings:
+        return ""
+    wl = max(5, max(len(f.level) for f in findings))
+    ww = min(44, max(5, max(len(f.where) for f in findings)))
+    mw = max(30, width - wl - ww - 4)
+    out = [f"{'level':<{wl}}  {'where':<{ww}}  message", f"{'-' * wl}  {'-' * ww}  {'-' * mw}"]
+    for f in sorted(findings, key=lambda f: f.level != "error"):
+        where = f.where if len(f.where) <= ww else "…" + f.where[-(ww - 1):]
+        # Paths and option names stay whole (copy-pasteable).
+        msg = textwrap.wrap(f.message, mw, break_on_hyphens=False,
+                            break_long_words=False) or [""]
+        out.append(f"{f.level:<{wl}}  {where:<{ww}}  {msg[0]}")
+        out += [f"{'':<{wl}}  {'':<{ww}}  {m}" for m in msg[1:]]
+    return "\n".join(out)
+
+
+__all__ = ["InspectError", "summarize_set", "format_summary", "draw_image", "render_panels",
+           "validate_report", "format_findings"]
