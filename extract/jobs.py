@@ -253,6 +253,8 @@ class Progress:
         self.stream = stream if stream is not None else sys.stderr
         self._bar = None
         self._ctx: dict = {}
+        self._total = self._done = self._failed = self._initial = 0
+        self._t0 = self._last = time.monotonic()
 
     def event(self, event: str, message: str = "", **fields) -> None:
         """Print one event: a JSON line, or ``message`` as text."""
@@ -267,15 +269,17 @@ class Progress:
                 self.stream.write(message + "\n")
                 self.stream.flush()
 
-    def start(self, total: int, desc: str, **ctx) -> None:
-        """Begin counting ``total`` images (one shard)."""
+    def start(self, total: int, desc: str, initial: int = 0, **ctx) -> None:
+        """Begin counting ``total`` images (one shard), ``initial`` of them already done
+        (resumed: shown as done, not counted in images/s)."""
         self._ctx = dict(ctx, desc=desc)
-        self._total, self._done, self._failed = total, 0, 0
+        self._total, self._done, self._failed, self._initial = total, initial, 0, initial
         self._t0 = self._last = time.monotonic()
         if self.enabled and not self.json:
             from tqdm import tqdm
-            self._bar = tqdm(total=total, desc=desc, unit="img", file=self.stream,
-                             dynamic_ncols=True, smoothing=0.1, mininterval=0.5)
+            self._bar = tqdm(total=total, initial=initial, desc=desc, unit="img",
+                             file=self.stream, dynamic_ncols=True, smoothing=0.1,
+                             mininterval=0.5)
 
     def update(self, n: int, failed: int = 0) -> None:
         self._done += n
@@ -293,7 +297,8 @@ class Progress:
     def _progress_fields(self) -> dict:
         el = max(time.monotonic() - self._t0, 1e-9)
         return dict(self._ctx, done=self._done, total=self._total, failed=self._failed,
-                    elapsed_s=round(el, 2), images_per_s=round(self._done / el, 3))
+                    elapsed_s=round(el, 2),
+                    images_per_s=round((self._done - self._initial) / el, 3))
 
     def finish(self) -> dict:
         """Close the bar; returns the final counters."""

@@ -14,6 +14,7 @@ would have.
 from __future__ import annotations
 
 import datetime as _dt
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -103,6 +104,7 @@ class ProposalsResult:
     num_images: int
     num_failures: int
     limit: FailureLimit
+    compute_s: float = 0.0  # of the wall time, seconds in the network and box selection
 
     @property
     def failures_exceeded(self) -> bool:
@@ -260,8 +262,13 @@ def _write_window(writer: ShardWriter, results: list) -> None:
 
 
 def run_shard(det: Detector, source: ImageSource, cfg: ProposalsConfig, sel: BoxSelection,
-              index: int, progress: Progress) -> dict:
-    """Write (or resume, or re-record) shard ``index``; returns its manifest entry."""
+              index: int, progress: Progress) -> tuple[dict, float]:
+    """Write (or resume, or re-record) shard ``index``.
+
+    Returns:
+        The shard's manifest entry, and the seconds spent computing (``run_window``: the
+        network and box selection), the rest of the wall time being the pipeline's.
+    """
     a, b = shard_ranges(len(source), cfg.num_shards)[index]
     records = source.records[a:b]
     W = cfg.window_size()
@@ -273,7 +280,7 @@ def run_shard(det: Detector, source: ImageSource, cfg: ProposalsConfig, sel: Box
             progress.event("shard_done", f"shard {index}: already complete "
                            f"({info['num_images']} images)", shard=index, resumed=True,
                            **_info_fields(info))
-            return info
+            return info, 0.0
         done = set(writer.committed_ids) | set(writer.failed_ids)
         todo, groups = [], []
         for pos, r in enumerate(records):
@@ -283,15 +290,18 @@ def run_shard(det: Detector, source: ImageSource, cfg: ProposalsConfig, sel: Box
         if done:
             progress.event("resume", f"shard {index}: resuming, {len(done)} of {len(records)}"
                            " images already committed", shard=index, committed=len(done))
-        progress.start(len(records), f"shard {index}/{cfg.num_shards}", shard=index)
-        progress.update(len(done))
+        progress.start(len(records), f"shard {index}/{cfg.num_shards}", initial=len(done),
+                       shard=index)
         dataset = DecodeDataset(todo, groups, det.preprocessing, cfg.max_pixels)
         bg = BackgroundWriter(max_pending=2)
+        compute = [0.0]
         try:
             window: list[DecodedItem] = []
 
             def flush() -> None:
+                t0 = time.perf_counter()
                 results = run_window(det, window, sel, cfg.batch_size, cfg.feature_dtype)
+                compute[0] += time.perf_counter() - t0
                 bg.submit(lambda: _write_window(writer, results))
                 progress.update(len(window), failed=sum(isinstance(r, DecodedItem)
                                                         for r in results))
@@ -315,8 +325,8 @@ def run_shard(det: Detector, source: ImageSource, cfg: ProposalsConfig, sel: Box
     progress.event("shard_done", f"shard {index}: {info['num_images']} images, "
                    f"{info['num_regions']} regions, {len(info['failures'])} failed "
                    f"({stats['images_per_s']:.2f} img/s)", shard=index, **_info_fields(info),
-                   images_per_s=stats["images_per_s"])
-    return info
+                   images_per_s=stats["images_per_s"], compute_s=round(compute[0], 3))
+    return info, compute[0]
 
 
 def _info_fields(info: dict) -> dict:
@@ -360,14 +370,15 @@ def run_proposals(cfg: ProposalsConfig, progress: Progress | None = None,
                    images=len(source), num_shards=cfg.num_shards, shards=indices,
                    detector=det.name, kind=det.kind, feature_dim=det.feature_dim,
                    device=cfg.device, out=str(Path(cfg.out)))
-    infos, total, failed = [], 0, 0
+    infos, total, failed, compute = [], 0, 0, 0.0
     ranges = shard_ranges(len(source), cfg.num_shards)
     for i in indices:
-        info = run_shard(det, source, cfg, sel, i, progress)
+        info, seconds = run_shard(det, source, cfg, sel, i, progress)
+        compute += seconds
         infos.append(info)
         total += ranges[i][1] - ranges[i][0]
         failed += len(info["failures"])
-    result = ProposalsResult(infos, total, failed, limit)
+    result = ProposalsResult(infos, total, failed, limit, compute)
     progress.event("summary", f"proposals: {total} images in {len(indices)} shard(s), "
                    f"{failed} failed (limit {limit.allowed(total):.4g})"
                    + (": TOO MANY FAILURES" if result.failures_exceeded else ""),
