@@ -11,6 +11,7 @@ import pytest
 BIN = Path(sys.executable).parent
 
 
+@pytest.mark.demo
 @pytest.mark.slow
 def test_quick_demo_report(tmp_path):
     out = tmp_path / "demo"

@@ -90,14 +90,14 @@ def test_weights_are_plain_tensors_that_reproduce_the_reported_ap(trained, world
     assert all(torch.equal(sd[k], v) for k, v in ckpt["model"].items())
 
 
-def test_demo_configs_teacher_is_bigger_c4_student_is_fpn():
+def test_demo_configs_teacher_is_bigger_than_student():
     from detectron2.modeling import build_model
     t, s = load_detector_config(TEACHER), load_detector_config(STUDENT)
-    assert t.MODEL.ROI_HEADS.NAME == "Res5ROIHeads" and s.MODEL.ROI_HEADS.NAME == "StandardROIHeads"
     assert t.MODEL.ROI_HEADS.NUM_CLASSES == s.MODEL.ROI_HEADS.NUM_CLASSES == len(SHAPES)
-    assert t.INPUT.MIN_SIZE_TEST >= 2 * s.INPUT.MIN_SIZE_TEST
+    assert t.INPUT.MIN_SIZE_TEST > s.INPUT.MIN_SIZE_TEST
+    assert t.MODEL.ROI_BOX_HEAD.FC_DIM > s.MODEL.ROI_BOX_HEAD.FC_DIM   # region feature dim
     n = {k: sum(p.numel() for p in build_model(c).parameters()) for k, c in (("t", t), ("s", s))}
-    assert n["t"] > n["s"]
+    assert n["t"] > 1.5 * n["s"]
     assert t.MODEL.WEIGHTS == s.MODEL.WEIGHTS == ""
 
 

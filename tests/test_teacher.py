@@ -363,6 +363,14 @@ def test_existing_output_from_other_proposals_or_teacher_is_refused(world, tmp_p
             np.testing.assert_array_equal(value, after[name][key])
 
 
+def _committed_images(commit_json) -> int:
+    """Images durably committed in a partial shard (0 while none, or while it is replaced)."""
+    try:
+        return json.loads(commit_json.read_text())["num_images"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 # ---------------------------------------------------------------------------------- resume
 
 def test_sigkill_then_rerun_gives_the_same_set(world, tmp_path):
@@ -386,9 +394,12 @@ def test_sigkill_then_rerun_gives_the_same_set(world, tmp_path):
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         t0 = time.monotonic()
-        while not commit.exists() and proc.poll() is None and time.monotonic() - t0 < 120:
+        # commit.json exists (with 0 images) as soon as the shard is staged: wait for a commit
+        # that holds images, so the kill lands mid-shard and the re-run has something to resume
+        while not _committed_images(commit) and proc.poll() is None \
+                and time.monotonic() - t0 < 120:
             time.sleep(0.01)
-        time.sleep(delay)  # a random point after the first commit
+        time.sleep(delay)  # a random point after the first commit of images
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     finally:

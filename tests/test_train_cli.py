@@ -223,6 +223,7 @@ def test_shipped_configs_load_and_options_override_them():
     # the file's values merged over the defaults, the overrides over the file
     assert terms["hidden"] == {"type": "hidden_infonce", "weight": 2,
                                "params": {"layer_map": "uniform", "queue_size": 4096,
-                                          "temperature": 0.07}}
+                                          "temperature": 0.07, "proj_dim": 128,
+                                          "teacher_projection": "linear"}}
     assert terms["attention"]["params"]["layer_map"] == "last"
     assert terms["task"]["params"] == {"label_smoothing": 0.1}

@@ -266,7 +266,8 @@ def default_losses(task: str, distill: bool, label_smoothing: float = 0.1) -> di
     caption: ``task`` = masked-token CE (label smoothing); vqa: ``task`` = soft-score BCE;
     pretrain: ``mlm`` = masked-token CE over text and tags + ``itm`` = tag-swap matching CE.
     distill adds the paper's terms: ``attention`` (attention-distribution MSE, uniform layer
-    map) and ``hidden`` (token-wise InfoNCE against a queue of 4096 teacher tokens, τ = 0.07),
+    map) and ``hidden`` (token-wise InfoNCE against a queue of 4096 teacher tokens, τ = 0.07,
+    128-d linear projections of student and teacher tokens),
     and a ``logits`` term (logit KD, weight 0 = off).
     """
     if task == "caption":
@@ -285,7 +286,14 @@ def default_losses(task: str, distill: bool, label_smoothing: float = 0.1) -> di
                               "params": {"layer_map": "uniform", "target": "probs"}}
         terms["hidden"] = {"type": "hidden_infonce", "weight": 1.0,
                            "params": {"layer_map": "uniform", "queue_size": 4096,
-                                      "temperature": 0.07}}
+                                      "temperature": 0.07,
+                                      # CRD/MoCo-style 128-d embeddings on both sides: the
+                                      # q·queue products then cost d_T/128 less (with the
+                                      # identity P_t a distill step is 1.27x the baseline at
+                                      # student/teacher size, 1.08x with this; see
+                                      # benchmarks/distill_step.py). Set proj_dim: null,
+                                      # teacher_projection: identity for the identity variant.
+                                      "proj_dim": 128, "teacher_projection": "linear"}}
         terms["logits"] = {"type": "logit_kd", "weight": 0.0,
                            "params": {"temperature": 1.0,
                                       "head": "vqa" if task == "vqa" else "mlm"}}
