@@ -375,3 +375,51 @@ def same_size_batches(items: Sequence[DecodedItem], padded_hw: Callable[[int, in
             h, w = it.image.shape[-2:]
             groups.setdefault(tuple(padded_hw(int(h), int(w))), []).append(it)
     return [list(c) for g in groups.values() for c in chunked(g, batch_size)]
+
+
+# --- refusing to mix runs in one set -----------------------------------------------------------
+def short(v) -> str:
+    """A digest or value shortened for an error message."""
+    s = str(v)
+    return s[:12] + "…" if len(s) > 14 else s
+
+
+def check_set_header(existing: dict, header: dict, out: str, *, error: type[Exception],
+                     role: str, detector: str) -> None:
+    """Refuse (raise ``error``) to add shards to a set whose manifest was written by another
+    kind of job, another detector (config or weights digest), other preprocessing or another
+    layout. Job-specific checks (image list, options, the proposals a teacher set is aligned
+    to) stay with the job.
+
+    Args:
+        existing: the set's manifest.json; header: this run's manifest header.
+        out: the --out directory (named in the message).
+        error: the exception class to raise.
+        role: this job's role; detector: "detector" or "teacher" (for the message).
+    """
+    def refuse(what: str, here, there, fix: str) -> None:
+        raise error(f"--out {out} holds a region set made {what} ({short(there)} in its "
+                    f"manifest.json, {short(here)} now); {fix}")
+
+    fix_new = "write to a new --out directory, or "
+    if existing.get("role") != role:
+        refuse("by another job (role)", role, existing.get("role"),
+               f"write {role} to a new --out directory")
+    ed, hd = existing.get("detector", {}), header["detector"]
+    if ed.get("config_digest") != hd["config_digest"]:
+        refuse(f"with another {detector} config (config digest)", hd["config_digest"],
+               ed.get("config_digest"), fix_new + f"re-run with the {detector} config it was "
+               "made with")
+    if ed.get("weights_digest") != hd["weights_digest"]:
+        refuse(f"with other {detector} weights (weights digest)", hd["weights_digest"],
+               ed.get("weights_digest"), fix_new + f"re-run with the {detector} weights it was "
+               "made with")
+    for key, what in (("preprocessing", "other preprocessing"),
+                      ("num_shards", "another --num-shards"),
+                      ("backend", "another --backend"),
+                      ("feature_dtype", "another --feature-dtype"),
+                      ("feature_dim", "another feature dim"),
+                      ("class_names", "other class names")):
+        if key in existing and existing[key] != header[key]:
+            refuse("with " + what, header[key], existing[key],
+                   fix_new + "re-run with the set's options")

@@ -29,7 +29,8 @@ from vlkd.data.images import DEFAULT_MAX_PIXELS, ImageSource, open_image_source
 
 from .detector import BoxSelection, Detector
 from .jobs import (BackgroundWriter, DecodeDataset, DecodedItem, FailureLimit, Progress,
-                   decode_batches, release_free_memory, same_size_batches)
+                   check_set_header, decode_batches, release_free_memory, same_size_batches,
+                   short)
 from .pooling import boxes_to_original, boxes_to_resized, pool_box_features
 
 ROLE = "proposals"
@@ -134,36 +135,16 @@ def _header(det: Detector, source: ImageSource, cfg: ProposalsConfig,
     }
 
 
-def _short(v) -> str:
-    s = str(v)
-    return s[:12] + "…" if len(s) > 14 else s
-
-
 def _compare(existing: dict, header: dict, out: str) -> None:
     """Refuse to add to a set made with other settings."""
     def refuse(what: str, here, there, fix: str) -> None:
         raise SetMismatchError(
-            f"--out {out} holds a region set made with {what} ({_short(there)} in its "
-            f"manifest.json, {_short(here)} now); {fix}")
+            f"--out {out} holds a region set made with {what} ({short(there)} in its "
+            f"manifest.json, {short(here)} now); {fix}")
 
     fix_new = "write to a new --out directory, or "
-    if existing.get("role") != ROLE:
-        refuse("role", ROLE, existing.get("role"), "write proposals to a new --out directory")
-    ed, hd = existing.get("detector", {}), header["detector"]
-    if ed.get("config_digest") != hd["config_digest"]:
-        refuse("another detector config (config digest)", hd["config_digest"],
-               ed.get("config_digest"), fix_new + "re-run with the config it was made with")
-    if ed.get("weights_digest") != hd["weights_digest"]:
-        refuse("other detector weights (weights digest)", hd["weights_digest"],
-               ed.get("weights_digest"), fix_new + "re-run with the weights it was made with")
-    for key, what in (("preprocessing", "other preprocessing"),
-                      ("num_shards", "another --num-shards"),
-                      ("backend", "another --backend"),
-                      ("feature_dtype", "another --feature-dtype"),
-                      ("feature_dim", "another feature dim"),
-                      ("class_names", "other class names")):
-        if key in existing and existing[key] != header[key]:
-            refuse(what, header[key], existing[key], fix_new + "re-run with the set's options")
+    check_set_header(existing, header, out, error=SetMismatchError, role=ROLE,
+                     detector="detector")
     ei, hi = existing.get("image_source", {}), header["image_source"]
     if ei.get("ids_digest") != hi["ids_digest"]:
         refuse("another image list (ids digest)", hi["ids_digest"], ei.get("ids_digest"),

@@ -41,8 +41,8 @@ from .alignment import (SOURCE_SHARD_ATTR, TEACHER_ROLE, AlignmentError, Proposa
                         proposals_identity, read_proposals_manifest, require_complete,
                         verify_proposals_shard)
 from .detector import Detector
-from .jobs import (BackgroundWriter, DecodeDataset, DecodedItem, Progress,
-                   decode_batches)
+from .jobs import (BackgroundWriter, DecodeDataset, DecodedItem, Progress, check_set_header,
+                   decode_batches, short)
 from .pooling import boxes_to_resized, classify_box_features, pool_box_features
 
 ROLE = TEACHER_ROLE
@@ -152,43 +152,22 @@ def _header(det: Detector, cfg: TeacherConfig, pdir: Path, pm: dict, source_info
     }
 
 
-def _s(v) -> str:
-    s = str(v)
-    return s[:12] + "…" if len(s) > 14 else s
-
-
 def _compare(existing: dict, header: dict, out: str) -> None:
     """Refuse to add to a set made from other proposals, with another teacher or options."""
     def refuse(what: str, here, there, fix: str) -> None:
         raise TeacherSetMismatchError(
-            f"--out {out} holds a region set made {what} ({_s(there)} in its manifest.json, "
-            f"{_s(here)} now); {fix}")
+            f"--out {out} holds a region set made {what} ({short(there)} in its manifest.json, "
+            f"{short(here)} now); {fix}")
 
     new_out = "write to a new --out directory, or "
-    if existing.get("role") != ROLE:
-        refuse("by another job (role)", ROLE, existing.get("role"),
-               "write teacher features to a new --out directory")
-    ea, ha = existing.get("aligned_to") or {}, header["aligned_to"]
-    if ea.get("identity") != ha["identity"]:
-        refuse(f"from other proposals (those at {ea.get('path')}, identity)", ha["identity"],
-               ea.get("identity"), new_out + "point --proposals at the set it was made from")
-    ed, hd = existing.get("detector", {}), header["detector"]
-    if ed.get("config_digest") != hd["config_digest"]:
-        refuse("with another teacher config (config digest)", hd["config_digest"],
-               ed.get("config_digest"), new_out + "re-run with the teacher config it was made "
-               "with")
-    if ed.get("weights_digest") != hd["weights_digest"]:
-        refuse("with other teacher weights (weights digest)", hd["weights_digest"],
-               ed.get("weights_digest"), new_out + "re-run with the teacher weights it was "
-               "made with")
-    for key, what in (("preprocessing", "with other preprocessing"),
-                      ("num_shards", "with another shard count"),
-                      ("backend", "with another --backend"),
-                      ("feature_dtype", "with another --feature-dtype"),
-                      ("feature_dim", "with another feature dim"),
-                      ("class_names", "with other class names")):
-        if key in existing and existing[key] != header[key]:
-            refuse(what, header[key], existing[key], new_out + "re-run with the set's options")
+    if existing.get("role") == ROLE:
+        ea, ha = existing.get("aligned_to") or {}, header["aligned_to"]
+        if ea.get("identity") != ha["identity"]:
+            refuse(f"from other proposals (those at {ea.get('path')}, identity)",
+                   ha["identity"], ea.get("identity"),
+                   new_out + "point --proposals at the set it was made from")
+    check_set_header(existing, header, out, error=TeacherSetMismatchError, role=ROLE,
+                     detector="teacher")
     eo, ho = existing.get("options", {}), header["options"]
     if eo.get("precision") != ho["precision"]:
         refuse("with another --precision", ho["precision"], eo.get("precision"),
@@ -390,8 +369,8 @@ def run_shard(det: Detector, shard: ProposalsShard, records: dict[str, ImageReco
             if made_from.get("digest") != source_attr["digest"]:
                 raise TeacherSetMismatchError(
                     f"--out {out}: teacher shard {writer.name} was made from proposals shard "
-                    f"content {_s(made_from.get('digest'))}, but {shard.entry['name']} now has "
-                    f"{_s(source_attr['digest'])} (it was re-extracted); delete {writer.name} "
+                    f"content {short(made_from.get('digest'))}, but {shard.entry['name']} now has "
+                    f"{short(source_attr['digest'])} (it was re-extracted); delete {writer.name} "
                     f"and its manifest entry and re-run shard {index}")
             info = writer.finalize()
             _check_finished(out, info, shard)
@@ -486,8 +465,8 @@ def _check_resumable(out: Path, index: int, committed: list[str], ids: list[str]
         if committed and started.get(key) not in (None, source_attr["digest"]):
             raise TeacherSetMismatchError(
                 f"--out {out}: the partial teacher shard {index} was started from proposals "
-                f"shard content {_s(started.get(key))}, but {source_attr['name']} now has "
-                f"{_s(source_attr['digest'])} (it was re-extracted); delete "
+                f"shard content {short(started.get(key))}, but {source_attr['name']} now has "
+                f"{short(source_attr['digest'])} (it was re-extracted); delete "
                 f"{out}/shard-{index:05d}-*.partial and re-run")
         started[key] = source_attr["digest"]
         return m
