@@ -93,10 +93,6 @@ class SceneObject:
     z: int = 0
     occluded_by: list[int] = field(default_factory=list)
 
-    @property
-    def visible_fraction(self) -> float:
-        return self.area / max(self.full_area, 1)
-
 
 @dataclass
 class Scene:

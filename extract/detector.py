@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -53,6 +54,9 @@ logger = logging.getLogger(__name__)
 MODEL_ZOO_PREFIX = "model_zoo:"
 PICKLE_SUFFIXES = (".pkl", ".pyth")
 TENSOR_SUFFIXES = (".pth", ".pt", ".safetensors")
+
+
+CLASS_NAMES_FILE = "class_names.json"  # beside a detector config: its class names, in order
 
 
 class DetectorError(ValueError):
@@ -452,9 +456,26 @@ class Detector:
         cfg.freeze()
         model = build_model(cfg)
         load_weights(model, weights, trust_pickle=trust_pickle)
-        return cls(cfg, model, name=Path(config).stem,
-                   weights_digest=file_digest(weights).hex(), precision=precision,
-                   require_proposal_generator=require_proposal_generator)
+        det = cls(cfg, model, name=Path(config).stem,
+                  weights_digest=file_digest(weights).hex(), precision=precision,
+                  require_proposal_generator=require_proposal_generator)
+        # Class names: the registered dataset's metadata exists only in the process that
+        # trained; `vlkd-extract train-detector` writes them next to its config.yaml.
+        names_file = Path(config).with_name(CLASS_NAMES_FILE)
+        if names_file.is_file():
+            try:
+                names = json.loads(names_file.read_text(encoding="utf-8"))
+            except ValueError as e:
+                raise DetectorError(f"{names_file} is not valid JSON ({e}); expected a list of "
+                                    "class names") from None
+            k = int(cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+            if not (isinstance(names, list) and len(names) == k):
+                raise DetectorError(f"{names_file} should list the model's {k} class names "
+                                    f"(MODEL.ROI_HEADS.NUM_CLASSES), found "
+                                    f"{len(names) if isinstance(names, list) else names!r}; "
+                                    "fix or delete it")
+            det.class_names = [str(n) for n in names]
+        return det
 
     @property
     def roi_heads(self) -> torch.nn.Module:

@@ -32,11 +32,13 @@ normalisation (``RESNETS.NORM: BN``) and freeze nothing (``BACKBONE.FREEZE_AT: 0
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -149,7 +151,9 @@ def evaluate_box_ap(cfg: CfgNode, model: torch.nn.Module, dataset_name: str) -> 
     evaluator = COCOEvaluator(dataset_name, tasks=("bbox",), distributed=False,
                               output_dir=None, use_fast_impl=False)
     t0 = time.perf_counter()
-    results = inference_on_dataset(model, loader, evaluator)
+    # pycocotools prints its summary table; keep stdout for the command's own result.
+    with contextlib.redirect_stdout(sys.stderr):
+        results = inference_on_dataset(model, loader, evaluator)
     seconds = time.perf_counter() - t0
     bbox = results.get("bbox", {})
     out: dict = {k: _finite_or_none(bbox[k]) if k in bbox else None for k in AP_KEYS}
@@ -238,7 +242,9 @@ def train_detector(config: str | os.PathLike, train_json: str | os.PathLike,
         metrics["val_json"] = str(val_json)
         metrics["bbox"] = evaluate_box_ap(cfg, model, val_name)
         metrics["AP"], metrics["AP50"] = metrics["bbox"]["AP"], metrics["bbox"]["AP50"]
-        logger.info("box AP %.1f, AP50 %.1f (train %.0f s)", metrics["AP"] or float("nan"),
-                    metrics["AP50"] or float("nan"), train_seconds)
+        nan = float("nan")
+        logger.info("box AP %.1f, AP50 %.1f (train %.0f s)",
+                    nan if metrics["AP"] is None else metrics["AP"],
+                    nan if metrics["AP50"] is None else metrics["AP50"], train_seconds)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
     return metrics

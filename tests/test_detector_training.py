@@ -3,6 +3,9 @@ is measured by COCOEvaluator and can be reproduced from the saved files, and the
 weights are plain tensors that the extraction loader accepts."""
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,6 +91,16 @@ def test_weights_are_plain_tensors_that_reproduce_the_reported_ap(trained, world
     det = Detector.load(out / "config.yaml", out / "model_final.pth")
     sd = det.model.state_dict()
     assert all(torch.equal(sd[k], v) for k, v in ckpt["model"].items())
+    # ...with the dataset's class names (read from class_names.json in a fresh process, where
+    # the training dataset is not registered), in category order: the object tags downstream
+    cats = sorted(json.loads(Path(world["instances_val"]).read_text())["categories"],
+                  key=lambda c: c["id"])
+    code = ("from vlkd.extract.detector import Detector; import sys; "
+            "print(','.join(Detector.load(sys.argv[1], sys.argv[2]).class_names))")
+    r = subprocess.run([sys.executable, "-c", code, str(out / "config.yaml"),
+                        str(out / "model_final.pth")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == ",".join(c["name"] for c in cats)
 
 
 def test_demo_configs_teacher_is_bigger_than_student():
@@ -106,9 +119,9 @@ def test_cli_trains_writes_outputs_and_reports_errors(world, tmp_path):
     r = CliRunner().invoke(extract_main, [
         "train-detector", "--config", TEACHER, "--train-json", world["instances_train"],
         "--image-root", world["images_train"], "--val-json", world["instances_val"],
-        "--val-image-root", world["images_val"], "--out", str(out), "--max-iter", "2", *TINY])
+        "--val-image-root", world["images_val"], "--out", str(out), "--max-iter", "2", "--num-threads", "1", *TINY])
     assert r.exit_code == 0, r.output
-    printed = json.loads(r.stdout[r.stdout.index("{"):])
+    printed = json.loads(r.stdout)             # stdout holds the metrics JSON only
     assert printed["max_iter"] == 2 and math.isfinite(printed["AP"])
     for name in ("model_final.pth", "config.yaml", "metrics.json", "class_names.json"):
         assert (out / name).is_file()
