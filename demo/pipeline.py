@@ -154,7 +154,8 @@ class Demo:
         self.run_parallel(jobs)
 
         reg = o / "regions"
-        images = ["--images", str(karpathy), "--image-root", str(data / "images")]
+        # Karpathy filepath is "images/<split>", relative to the data root
+        images = ["--images", str(karpathy), "--image-root", str(data)]
         det_args = lambda r: ["--config", str(dets[r] / "config.yaml"),  # noqa: E731
                               "--weights", str(dets[r] / "model_final.pth")]
         common = ["--num-shards", "2", "--shard-index", "all", "--num-workers", "0",
