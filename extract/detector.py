@@ -456,7 +456,11 @@ class Detector:
         cfg.freeze()
         model = build_model(cfg)
         load_weights(model, weights, trust_pickle=trust_pickle)
-        det = cls(cfg, model, name=Path(config).stem,
+        # a trained detector's folder (detectors/student/config.yaml) names it better than "config"
+        name = Path(config).stem
+        if name == "config" and Path(config).resolve().parent.name:
+            name = Path(config).resolve().parent.name
+        det = cls(cfg, model, name=name,
                   weights_digest=file_digest(weights).hex(), precision=precision,
                   require_proposal_generator=require_proposal_generator)
         # Class names: the registered dataset's metadata exists only in the process that
