@@ -21,6 +21,31 @@ def main() -> None:
     """
 
 
+def _options(*opts):
+    """One decorator applying ``opts`` in order (options the extraction jobs share)."""
+    def apply(f):
+        for o in reversed(opts):
+            f = o(f)
+        return f
+    return apply
+
+
+# How a job computes, and how it runs: the same for proposals and teacher-features.
+_compute_options = _options(
+    click.option("--batch-size", default=4, type=click.IntRange(min=1), help="Images per "
+                 "forward pass (only images of the same padded size share one)."),
+    click.option("--num-workers", default=2, type=click.IntRange(min=0),
+                 help="Decoding processes."),
+    click.option("--device", default="cpu", help="cpu, cuda or cuda:N."),
+    click.option("--precision", default="fp32", type=click.Choice(["fp32", "fp16", "bf16"])))
+_run_options = _options(
+    click.option("--trust-pickle", is_flag=True, help="Allow pickle weights (.pkl/.pyth): "
+                 "unpickling runs code from the file."),
+    click.option("--log-format", default="text", type=click.Choice(["text", "json"]),
+                 help="Progress bar and messages, or JSON lines (cluster logs), on stderr."),
+    click.option("--no-progress", is_flag=True, help="No progress bar / progress lines."))
+
+
 @main.command("proposals")
 @click.option("--images", required=True, help="Image folder, list file (path[<TAB>id]), COCO JSON "
               "or Karpathy dataset_coco.json.")
@@ -36,11 +61,7 @@ def main() -> None:
 @click.option("--shard-index", default=None, help="Shard to write, or 'all'. Default: "
               "SLURM_ARRAY_TASK_ID, JOB_COMPLETION_INDEX or AWS_BATCH_JOB_ARRAY_INDEX.")
 @click.option("--backend", default="hdf5", type=click.Choice(["hdf5", "zarr"]))
-@click.option("--batch-size", default=4, type=click.IntRange(min=1), help="Images per forward "
-              "pass (only images of the same padded size share one).")
-@click.option("--num-workers", default=2, type=click.IntRange(min=0), help="Decoding processes.")
-@click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
-@click.option("--precision", default="fp32", type=click.Choice(["fp32", "fp16", "bf16"]))
+@_compute_options
 @click.option("--score-thresh", default=0.2, type=float, help="Keep detections above this.")
 @click.option("--nms-thresh", default=0.5, type=float, help="Per-class NMS IoU threshold.")
 @click.option("--min-boxes", default=10, type=click.IntRange(min=0), help="Top up to this many "
@@ -51,11 +72,7 @@ def main() -> None:
               "count (5), fraction (0.01) or percentage (1%).")
 @click.option("--max-pixels", default=None, type=click.IntRange(min=1), help="Refuse images "
               "larger than this many pixels (decompression bombs). [default: 89478485]")
-@click.option("--trust-pickle", is_flag=True, help="Allow pickle weights (.pkl/.pyth): "
-              "unpickling runs code from the file.")
-@click.option("--log-format", default="text", type=click.Choice(["text", "json"]),
-              help="Progress bar and messages, or JSON lines (cluster logs), on stderr.")
-@click.option("--no-progress", is_flag=True, help="No progress bar / progress lines.")
+@_run_options
 @click.option("--commit-every", default=0, type=click.IntRange(min=0), help="Images per "
               "commit, which is also the window within which same-size images are batched "
               "(0: max(32, 8 x batch size)). A killed job resumes from the last commit.")
@@ -175,21 +192,13 @@ def train_detector_cmd(config, train_json, image_root, val_json, val_image_root,
               "SLURM_ARRAY_TASK_ID, JOB_COMPLETION_INDEX or AWS_BATCH_JOB_ARRAY_INDEX.")
 @click.option("--backend", default=None, type=click.Choice(["hdf5", "zarr"]),
               help="[default: the proposals']")
-@click.option("--batch-size", default=4, type=click.IntRange(min=1), help="Images per forward "
-              "pass (only images of the same padded size share one).")
-@click.option("--num-workers", default=2, type=click.IntRange(min=0), help="Decoding processes.")
-@click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
-@click.option("--precision", default="fp32", type=click.Choice(["fp32", "fp16", "bf16"]))
+@_compute_options
 @click.option("--feature-dtype", default="float16", type=click.Choice(["float16", "float32"]))
 @click.option("--max-pixels", default=None, type=click.IntRange(min=1), help="Refuse images "
               "larger than this many pixels (decompression bombs). [default: 89478485]")
 @click.option("--verify-images", is_flag=True, help="Require each image's bytes to have the "
               "content hash proposals recorded.")
-@click.option("--trust-pickle", is_flag=True, help="Allow pickle weights (.pkl/.pyth): "
-              "unpickling runs code from the file.")
-@click.option("--log-format", default="text", type=click.Choice(["text", "json"]),
-              help="Progress bar and messages, or JSON lines (cluster logs), on stderr.")
-@click.option("--no-progress", is_flag=True, help="No progress bar / progress lines.")
+@_run_options
 @click.option("--commit-every", default=0, type=click.IntRange(min=0), help="Images per "
               "commit and batching window (0: max(32, 8 x batch size)).")
 def teacher_features_cmd(proposals, images, image_root, config, weights, out, num_shards,
