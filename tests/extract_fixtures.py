@@ -16,6 +16,7 @@ Use from a test module with ``from extract_fixtures import *`` (pytest puts ``te
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -34,7 +35,7 @@ DETECTOR_CONFIGS = {"c4": ROOT / "configs" / "detectors" / "tiny-c4.yaml",
 # a ~10 % resize, growing with the class index so class-specific boxes differ.
 BOX_DELTA = (1.0, 0.5, 0.5, -0.25)
 
-__all__ = ["DETECTOR_CONFIGS", "tiny_model", "save_tiny_weights", "tiny_weights",
+__all__ = ["DETECTOR_CONFIGS", "committed_images", "tiny_model", "save_tiny_weights", "tiny_weights",
            "make_images", "reference_features", "read_shards", "resized_hw_reference"]
 
 
@@ -181,3 +182,12 @@ def read_shards(set_dir: Path) -> dict[str, dict[str, np.ndarray]]:
         with h5py.File(p, "r") as f:
             out[p.name] = {k: f[k][()] for k in f.keys()}
     return out
+
+
+def committed_images(commit_json: Path) -> int:
+    """Images durably committed in a partial shard (0 while it has none or is being
+    replaced): a kill test waits for this before killing, so the re-run has work to resume."""
+    try:
+        return json.loads(Path(commit_json).read_text())["num_images"]
+    except (OSError, ValueError, KeyError):
+        return 0

@@ -15,7 +15,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from extract_fixtures import (DETECTOR_CONFIGS, make_images, read_shards, reference_features,
+from extract_fixtures import (DETECTOR_CONFIGS, committed_images, make_images, read_shards,
+                              reference_features,
                               save_tiny_weights, tiny_model, tiny_weights)  # noqa: F401
 from vlkd.common.manifest import read_manifest
 from vlkd.common.regionset import RegionSet, file_digest
@@ -137,15 +138,6 @@ def test_union_of_shard_runs_equals_all(tiny_weights, tmp_path):
         [f"img{i:03d}" for i in range(11)]  # contiguous ranges of the sorted list
 
 
-def _committed(commit_json: Path) -> int:
-    """Images durably committed in a partial shard (0 while it has none or is being
-    replaced)."""
-    try:
-        return json.loads(commit_json.read_text())["num_images"]
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
 def test_sigkill_then_rerun_gives_the_same_set(tiny_weights, tmp_path):
     make_images(tmp_path / "imgs", 24)
     w = tiny_weights["fpn"]
@@ -165,7 +157,7 @@ def test_sigkill_then_rerun_gives_the_same_set(tiny_weights, tmp_path):
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         t0 = time.monotonic()
-        while not _committed(commit) and proc.poll() is None and time.monotonic() - t0 < 120:
+        while not committed_images(commit) and proc.poll() is None and time.monotonic() - t0 < 120:
             time.sleep(0.01)
         time.sleep(delay)  # a random point after the first commit of images
         proc.send_signal(signal.SIGKILL)

@@ -21,7 +21,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from extract_fixtures import (DETECTOR_CONFIGS, make_images, read_shards, reference_features,
+from extract_fixtures import (DETECTOR_CONFIGS, committed_images, make_images, read_shards,
+                              reference_features,
                               save_tiny_weights, tiny_model)
 from vlkd.common.manifest import manifest_digest, read_manifest, write_manifest
 from vlkd.common.regionset import RegionSet, ShardReader, ShardWriter, file_digest
@@ -363,14 +364,6 @@ def test_existing_output_from_other_proposals_or_teacher_is_refused(world, tmp_p
             np.testing.assert_array_equal(value, after[name][key])
 
 
-def _committed_images(commit_json) -> int:
-    """Images durably committed in a partial shard (0 while none, or while it is replaced)."""
-    try:
-        return json.loads(commit_json.read_text())["num_images"]
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
 # ---------------------------------------------------------------------------------- resume
 
 def test_sigkill_then_rerun_gives_the_same_set(world, tmp_path):
@@ -396,7 +389,7 @@ def test_sigkill_then_rerun_gives_the_same_set(world, tmp_path):
         t0 = time.monotonic()
         # commit.json exists (with 0 images) as soon as the shard is staged: wait for a commit
         # that holds images, so the kill lands mid-shard and the re-run has something to resume
-        while not _committed_images(commit) and proc.poll() is None \
+        while not committed_images(commit) and proc.poll() is None \
                 and time.monotonic() - t0 < 120:
             time.sleep(0.01)
         time.sleep(delay)  # a random point after the first commit of images
