@@ -181,9 +181,13 @@ class Demo:
         kd_sets = [f"{k}={v}" for k, v in self.raw.get("distill_losses", {}).items()]
         runs, evals = o / "runs", o / "eval"
         for task in self.raw["tasks"]:
-            data_args = (["--captions", str(karpathy), "--split", "train"] if task == "caption"
-                         else ["--vqa-questions", str(ann / "v2_OpenEnded_synthetic_train_questions.json"),
-                               "--vqa-annotations", str(ann / "v2_synthetic_train_annotations.json")])
+            def annotations(split: str) -> list[str]:
+                if task == "caption":
+                    return ["--captions", str(karpathy), "--split", split]
+                return ["--vqa-questions", str(ann / f"v2_OpenEnded_synthetic_{split}_questions.json"),
+                        "--vqa-annotations", str(ann / f"v2_synthetic_{split}_annotations.json")]
+
+            data_args = annotations("train")
             base = ["--task", task, "--tokenizer", str(tok), "--batch-size", str(s["batch_size"]),
                     "--seed", str(d["seed"]), *data_args,
                     *[a for kv in sets for a in ("--set", kv)]]
@@ -212,9 +216,7 @@ class Demo:
                 "--max-steps", str(s["steps"]["student"]), "--output-dir", str(s_kd), *base,
                 *[a for kv in kd_sets for a in ("--set", kv)]], s_kd)
 
-            ev_data = (["--captions", str(karpathy), "--split", "test"] if task == "caption"
-                       else ["--vqa-questions", str(ann / "v2_OpenEnded_synthetic_test_questions.json"),
-                             "--vqa-annotations", str(ann / "v2_synthetic_test_annotations.json")])
+            ev_data = annotations("test")
             ev_sets = ["--set", f"eval.max_samples={s['eval_max_samples']}", "--set",
                        f"eval.beam_size={self.raw['train'].get('eval.beam_size', 5)}"]
             for key, model, regions in [
