@@ -11,7 +11,12 @@ import click
               help="Output directory (finished stages there are skipped on a re-run).")
 @click.option("--quick", is_flag=True, help="Smallest run (~3 min on 2 cores; CI runs it).")
 @click.option("--clean", is_flag=True, help="Delete --out first and start over.")
-def main(out: str, quick: bool, clean: bool) -> None:
+@click.option("--jobs", default=0, type=click.IntRange(min=0),
+              help="Stages run at the same time, sharing the cores (0: one per core, at most 4).")
+@click.option("--config", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Demo config (sizes, steps, KD terms) [default: configs/demo/demo.yaml]. "
+                   "For an ablation, copy it, change distill_losses and use another --out.")
+def main(out: str, quick: bool, clean: bool, jobs: int, config: str | None) -> None:
     """Run the embedded synthetic pipeline end to end and write OUT/report.md.
 
     \b
@@ -23,7 +28,7 @@ def main(out: str, quick: bool, clean: bool) -> None:
     from vlkd.demo.pipeline import run_demo
 
     try:
-        report = run_demo(out, quick, clean)
+        report = run_demo(out, quick, clean, jobs, config)
     except RuntimeError as e:
         click.echo(f"vlkd-demo: {e}", err=True)
         sys.exit(1)

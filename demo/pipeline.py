@@ -2,13 +2,17 @@
 
 Each stage is one command line (``vlkd-extract …``, ``vlkd-train …``) run as a subprocess, so
 the demo exercises exactly what a user runs and needs neither phase's internals. A stage that
-finished writes ``<stage dir>/.done`` (with its wall time); a re-run skips it. Stage order:
+finished writes ``<stage dir>/.done`` (with its wall time); a re-run skips it. Stages form a
+graph and independent ones run at the same time (``--jobs``, default one per core), each with
+its share of the cores:
 
-    data → detectors (student, teacher) → proposals (student) → teacher-features (VTA)
-    → proposals (teacher, its own boxes) → tokenizer
-    → per task: teacher on own boxes → teacher adapted on student boxes (VTA)
-                → student baseline → student distilled → evaluations
-    → report.md + PNGs
+    data ─┬→ detector (student) → proposals (student) ─┬→ teacher-features (VTA) → validate
+          └→ detector (teacher) ─┬─────────────────────────┘
+                                 └→ proposals (teacher, its own boxes)
+    per task: teacher on own boxes → teacher adapted to student boxes (VTA) → student with KD
+              student without KD (needs only the tokenizer)
+              evaluate each model as soon as it is trained
+    → pictures → report.md
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,119 +44,256 @@ def configs_dir() -> Path:
                             "VLKD_CONFIGS to its configs/ folder")
 
 
+def load_config(path: Path) -> dict:
+    """Reads a demo config and checks the keys the pipeline uses, naming any that are missing."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise RuntimeError(f"demo config {path}: cannot read it ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise RuntimeError(f"demo config {path}: not valid YAML ({e})") from None
+    need = {"full": ["data", "detector_iters", "steps", "batch_size", "eval_max_samples"],
+            "quick": ["data", "detector_iters", "steps", "batch_size", "eval_max_samples"],
+            "tasks": [], "models": ["teacher", "student"]}
+    missing = [k for k in need if not isinstance(raw, dict) or k not in raw]
+    missing += [f"{k}.{sub}" for k, subs in need.items() if isinstance(raw, dict)
+                and isinstance(raw.get(k), dict) for sub in subs if sub not in raw[k]]
+    if missing:
+        raise RuntimeError(f"demo config {path}: missing {', '.join(missing)}; start from a "
+                           "copy of configs/demo/demo.yaml")
+    bad = [t for t in raw["tasks"] if t not in ("caption", "vqa")]
+    if bad or not raw["tasks"]:
+        raise RuntimeError(f"demo config {path}: tasks must be a non-empty subset of "
+                           f"[caption, vqa], found {raw['tasks']}")
+    return raw
+
+
 @dataclass
 class Stage:
     name: str
     argv: list[str]
     out: Path                       # the stage's own folder; .done goes there
+    after: list[str] = field(default_factory=list)
     seconds: float = 0.0
     skipped: bool = False
+
+
+def _cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover (macOS)
+        return max(1, os.cpu_count() or 1)
 
 
 @dataclass
 class Demo:
     out: Path
     quick: bool = False
-    threads: int = 2
+    jobs: int = 0                   # stages run at once; 0: one per CPU core (at most 4)
+    config: Path | None = None      # the demo config; default configs/demo/demo.yaml
     log: list[Stage] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out).resolve()
         self.cfg_root = configs_dir()
-        raw = yaml.safe_load((self.cfg_root / "demo" / "demo.yaml").read_text())
-        self.size = raw["quick" if self.quick else "full"]
-        self.raw = raw
+        self.config = Path(self.config or self.cfg_root / "demo" / "demo.yaml").resolve()
+        self.raw = load_config(self.config)
+        self.size = self.raw["quick" if self.quick else "full"]
+        self.cores = _cpu_count()
+        self.jobs = self.jobs or min(4, self.cores)
         self.t0 = time.time()
+        self._lock = threading.Lock()
 
     # -------------------------------------------------------------------------------- running
     def say(self, msg: str) -> None:
         el = time.time() - self.t0
-        print(f"[vlkd-demo {int(el // 60):02d}:{int(el % 60):02d}] {msg}", file=sys.stderr,
-              flush=True)
+        with self._lock:
+            print(f"[vlkd-demo {int(el // 60):02d}:{int(el % 60):02d}] {msg}", file=sys.stderr,
+                  flush=True)
 
-    def run(self, name: str, argv: list[str], out: Path) -> Stage:
-        st = Stage(name, argv, out)
-        done = out / ".done"
+    def stage(self, name: str, argv: list[str], out: Path, after: tuple[str, ...] = ()) -> str:
+        """Adds a stage that may start once the stages named in ``after`` have finished."""
+        known = {st.name for st in self.log}
+        missing = [a for a in after if a not in known]
+        if missing or name in known:
+            raise ValueError(f"stage {name!r}: unknown dependencies {missing} or a duplicate name")
+        self.log.append(Stage(name, argv, out, list(after)))
+        return name
+
+    def _run(self, st: Stage, threads: int) -> None:
+        done = st.out / ".done"
         if done.exists():
+            rec = json.loads(done.read_text())
+            if rec.get("planned", st.argv) != st.argv:
+                raise RuntimeError(
+                    f"stage {st.name} finished before with other arguments (another config or "
+                    f"size?) in {self.out}.\n  then: {shlex.join(rec['planned'])}\n  now:  "
+                    f"{shlex.join(st.argv)}\nUse another --out, or --clean to start over.")
             st.skipped = True
-            st.seconds = json.loads(done.read_text()).get("seconds", 0.0)
-            self.say(f"{name}: done before ({st.seconds:.0f} s), skipped")
-            self.log.append(st)
-            return st
-        out.mkdir(parents=True, exist_ok=True)
-        self.say(f"{name}: {' '.join(shlex.quote(a) for a in argv)}")
-        threads = "1" if "--num-threads" in argv else str(self.threads)
-        env = dict(os.environ, OMP_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false",
-                   HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        t = time.time()
-        with open(out / "stage.log", "w") as logf:
+            st.seconds = rec.get("seconds", 0.0)
+            self.say(f"{st.name}: done before ({st.seconds:.0f} s), skipped")
+            return
+        st.out.mkdir(parents=True, exist_ok=True)
+        argv = [str(threads) if i and st.argv[i - 1] == "--num-threads" else a
+                for i, a in enumerate(st.argv)]
+        self.say(f"{st.name}: started ({threads} thread{'s' * (threads > 1)}); "
+                 f"log {st.out / 'stage.log'}")
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                   TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        t = last = time.time()
+        with open(st.out / "stage.log", "w") as logf:
+            logf.write("$ " + " ".join(shlex.quote(a) for a in argv) + "\n")
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     env=env, text=True, bufsize=1)
             assert proc.stdout is not None
             for line in proc.stdout:
                 logf.write(line)
-                # keep the terminal readable: progress lines and errors only
+                # the terminal gets errors and one progress line per stage every ~15 s
                 low = line.lower()
-                if "error" in low or "it/s" in low or "img/s" in low or "%|" in line:
-                    print(f"    {line.rstrip()[:160]}", file=sys.stderr, flush=True)
+                progress = "it/s" in low or "img/s" in low or "%|" in line or "step" in low
+                if "error" in low or (progress and time.time() - last >= 15):
+                    last = time.time()
+                    self.say(f"  {st.name}: {line.strip()[:140]}")
             rc = proc.wait()
         st.seconds = time.time() - t
         if rc != 0:
-            tail = (out / "stage.log").read_text().splitlines()[-25:]
-            raise RuntimeError(f"stage {name} failed (exit {rc}) after {st.seconds:.0f} s; "
-                               f"log: {out / 'stage.log'}\n" + "\n".join(tail))
-        done.write_text(json.dumps({"seconds": st.seconds, "argv": argv}))
-        self.say(f"{name}: ok in {st.seconds:.0f} s")
-        self.log.append(st)
-        return st
+            tail = (st.out / "stage.log").read_text().splitlines()[-25:]
+            raise RuntimeError(f"stage {st.name} failed (exit {rc}) after {st.seconds:.0f} s; "
+                               f"log: {st.out / 'stage.log'}\n" + "\n".join(tail))
+        done.write_text(json.dumps({"seconds": st.seconds, "argv": argv, "planned": st.argv}))
+        self.say(f"{st.name}: ok in {st.seconds:.0f} s")
 
-    def run_parallel(self, jobs: list[tuple[str, list[str], Path]]) -> None:
-        """Run independent stages at the same time (each as :meth:`run` would)."""
-        import threading
-
+    def execute(self) -> None:
+        """Runs the stages in dependency order, up to ``jobs`` at a time. A stage gets the
+        cores divided among the stages running with it, fixed when it starts. After a failure
+        no new stage starts; the running ones finish, then the first error is raised."""
+        pending = list(self.log)            # in the order added: the earlier, the sooner
+        finished: set[str] = set()
+        running: dict[str, threading.Thread] = {}
         errors: list[BaseException] = []
+        cond = threading.Condition()
 
-        def one(job):
+        def work(st: Stage, threads: int) -> None:
             try:
-                self.run(*job)
-            except BaseException as e:  # noqa: BLE001 (re-raised below)
+                self._run(st, threads)
+            except BaseException as e:  # noqa: BLE001 (re-raised by execute)
                 errors.append(e)
+            with cond:
+                running.pop(st.name, None)
+                if not errors:
+                    finished.add(st.name)
+                cond.notify_all()
 
-        threads = [threading.Thread(target=one, args=(j,)) for j in jobs]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        with cond:
+            while pending or running:
+                ready = [st for st in pending if all(a in finished for a in st.after)]
+                if errors or (not ready and not running):
+                    if not running:
+                        break
+                    cond.wait()
+                    continue
+                slots = self.jobs - len(running)
+                if slots <= 0 or not ready:
+                    cond.wait()
+                    continue
+                # skipped stages take no time: start those first and without a slot's worth
+                st = ready[0]
+                share = max(1, self.cores // min(self.jobs, len(running) + len(ready)))
+                pending.remove(st)
+                th = threading.Thread(target=work, args=(st, share), daemon=True)
+                running[st.name] = th
+                th.start()
         if errors:
             raise errors[0]
+        if pending:
+            raise RuntimeError("stages never became ready: " + ", ".join(s.name for s in pending))
 
     # -------------------------------------------------------------------------------- stages
+    def _train_args(self, task: str, seed: int) -> list[str]:
+        s, P = self.size, self.paths
+        return ["--task", task, "--tokenizer", str(P["tok"]), "--batch-size", str(s["batch_size"]),
+                "--seed", str(seed), *self._annotations(task, "train"),
+                *[a for k, v in self.raw.get("train", {}).items() for a in ("--set", f"{k}={v}")]]
+
+    def _annotations(self, task: str, split: str) -> list[str]:
+        P = self.paths
+        if task == "caption":
+            return ["--captions", str(P["karpathy"]), "--split", split]
+        return ["--vqa-questions", str(P["ann"] / f"v2_OpenEnded_synthetic_{split}_questions.json"),
+                "--vqa-annotations", str(P["ann"] / f"v2_synthetic_{split}_annotations.json")]
+
+    def evaluate(self, task: str, key: str, run: Path, regions: Path, trained: str) -> str:
+        """Scores ``run``'s model on the test split into ``eval/<key>-<task>/scores.json``."""
+        s, P = self.size, self.paths
+        e = P["evals"] / f"{key}-{task}"
+        extra = ["--tag-regions", str(P["reg"] / "student")] if regions.name == "teacher-vta" else []
+        return self.stage(f"{task}: evaluate {key}", [
+            str(BIN / "vlkd-train"), "evaluate", "--model", str(self.model_dir(run)),
+            "--regions", str(regions), "--task", task, *self._annotations(task, "test"), *extra,
+            "--output-dir", str(e), "--set", f"eval.max_samples={s['eval_max_samples']}",
+            "--set", f"eval.beam_size={self.raw['train'].get('eval.beam_size', 5)}"], e,
+            after=(trained, "teacher-features"))
+
+    def add_students(self, task: str, seed: int, suffix: str = "") -> tuple[str, str]:
+        """The student without and with KD (same data, steps and seed) and their evaluations,
+        as ``runs/student-{base,kd}<suffix>-<task>``; returns the two evaluation stages."""
+        s, P, m = self.size, self.paths, self.raw["models"]
+        tr, stu = str(BIN / "vlkd-train"), P["reg"] / "student"
+        base = self._train_args(task, seed)
+        kd_sets = [a for k, v in self.raw.get("distill_losses", {}).items()
+                   for a in ("--set", f"{k}={v}")]
+        s_base = P["runs"] / f"student-base{suffix}-{task}"
+        s_kd = P["runs"] / f"student-kd{suffix}-{task}"
+        t_vta = self.model_dir(P["runs"] / f"teacher-vta-{task}")
+        st_kd = self.stage(f"{task}: student with KD{suffix}", [
+            tr, "distill", "--teacher", str(t_vta), "--student", m["student"],
+            "--student-regions", str(stu), "--teacher-regions", str(P["reg"] / "teacher-vta"),
+            "--max-steps", str(s["steps"]["student"]), "--output-dir", str(s_kd), *base,
+            *kd_sets], s_kd, after=(f"{task}: teacher adapted to student boxes (VTA)",))
+        st_base = self.stage(f"{task}: student without KD{suffix}", [
+            tr, "finetune", "--model", m["student"], "--regions", str(stu),
+            "--max-steps", str(s["steps"]["student"]), "--output-dir", str(s_base), *base],
+            s_base, after=("tokenizer",))
+        return (self.evaluate(task, f"student-base{suffix}", s_base, stu, st_base),
+                self.evaluate(task, f"student-kd{suffix}", s_kd, stu, st_kd))
+
     def pipeline(self) -> Path:
+        self.plan()
+        self.say(f"{len(self.log)} stages, up to {self.jobs} at a time on {self.cores} "
+                 f"core{'s' * (self.cores > 1)}; output {self.out}")
+        self.execute()
+        from vlkd.demo.report import write_report
+        report = write_report(self)
+        self.say(f"report: {report}  (total {time.time() - self.t0:.0f} s)")
+        return report
+
+    def plan(self) -> None:
+        """Adds every stage with what it needs; :meth:`execute` runs them."""
+        from vlkd.data.synthetic import image_id_for
+
         o, s, c = self.out, self.size, self.cfg_root
         ex, tr = str(BIN / "vlkd-extract"), str(BIN / "vlkd-train")
         d = s["data"]
         data = o / "data"
-        self.run("data", [sys.executable, "-m", "vlkd.data.synthetic", "--out", str(data),
-                          "--num-train", str(d["num_train"]), "--num-val", str(d["num_val"]),
-                          "--num-test", str(d["num_test"]), "--seed", str(d["seed"])], data)
+        self.stage("data", [sys.executable, "-m", "vlkd.data.synthetic", "--out", str(data),
+                            "--num-train", str(d["num_train"]), "--num-val", str(d["num_val"]),
+                            "--num-test", str(d["num_test"]), "--seed", str(d["seed"])], data)
         ann = data / "annotations"
         karpathy = ann / "dataset_coco.json"
 
-        # The two detectors train at the same time, one thread each: on 2 cores that is much
-        # faster than one after the other with two threads (docs/SYNTHETIC.md).
-        dets, jobs = {}, []
-        for role in ("student", "teacher"):
-            dd = o / "detectors" / role
-            jobs.append((f"detector-{role}", [
+        # The two detectors train at the same time, one thread each when there are 2 cores:
+        # much faster than one after the other with two threads (docs/SYNTHETIC.md).
+        dets = {}
+        for role in ("teacher", "student"):
+            dd = dets[role] = o / "detectors" / role
+            self.stage(f"detector-{role}", [
                 ex, "train-detector", "--config", str(c / "demo" / f"{role}_detector.yaml"),
                 "--train-json", str(ann / "instances_train.json"),
                 "--image-root", str(data / "images" / "train"),
                 "--val-json", str(ann / "instances_val.json"),
                 "--val-image-root", str(data / "images" / "val"),
                 "--out", str(dd), "--max-iter", str(s["detector_iters"][role]),
-                "--num-threads", "1"], dd))
-            dets[role] = dd
-        self.run_parallel(jobs)
+                "--num-threads", "1"], dd, after=("data",))
 
         reg = o / "regions"
         # Karpathy filepath is "images/<split>", relative to the data root
@@ -160,110 +302,69 @@ class Demo:
                               "--weights", str(dets[r] / "model_final.pth")]
         common = ["--num-shards", "2", "--shard-index", "all", "--num-workers", "0",
                   "--no-progress"]
-        self.run("proposals-student", [ex, "proposals", *images, *det_args("student"),
-                                       "--out", str(reg / "student"), *common], reg / "student")
-        self.run("teacher-features", [ex, "teacher-features", "--proposals", str(reg / "student"),
-                                      *images, *det_args("teacher"),
-                                      "--out", str(reg / "teacher-vta"), *common],
-                 reg / "teacher-vta")
-        self.run("proposals-teacher", [ex, "proposals", *images, *det_args("teacher"),
-                                       "--out", str(reg / "teacher-own"), *common],
-                 reg / "teacher-own")
-        self.run("validate", [ex, "validate", str(reg / "teacher-vta"), "--against",
-                              str(reg / "student")], o / "validate")
+        stu = self.stage("proposals-student", [ex, "proposals", *images, *det_args("student"),
+                                               "--out", str(reg / "student"), *common],
+                         reg / "student", after=("detector-student",))
+        vta = self.stage("teacher-features", [
+            ex, "teacher-features", "--proposals", str(reg / "student"), *images,
+            *det_args("teacher"), "--out", str(reg / "teacher-vta"), *common],
+            reg / "teacher-vta", after=(stu, "detector-teacher"))
+        own = self.stage("proposals-teacher", [ex, "proposals", *images, *det_args("teacher"),
+                                               "--out", str(reg / "teacher-own"), *common],
+                         reg / "teacher-own", after=("detector-teacher",))
+        self.stage("validate", [ex, "validate", str(reg / "teacher-vta"), "--against",
+                                str(reg / "student")], o / "validate", after=(vta,))
         tok = o / "tokenizer"
-        self.run("tokenizer", [tr, "build-vocab", str(ann / "captions_train.json"),
-                               str(ann / "v2_OpenEnded_synthetic_train_questions.json"),
-                               "--out", str(tok), "--vocab-size", "2000", "--min-frequency", "1",
-                               "--regions", str(reg / "student")], tok)
+        self.stage("tokenizer", [tr, "build-vocab", str(ann / "captions_train.json"),
+                                 str(ann / "v2_OpenEnded_synthetic_train_questions.json"),
+                                 "--out", str(tok), "--vocab-size", "2000", "--min-frequency",
+                                 "1", "--regions", str(reg / "student")], tok, after=(stu,))
 
-        sets = [f"{k}={v}" for k, v in self.raw.get("train", {}).items()]
-        kd_sets = [f"{k}={v}" for k, v in self.raw.get("distill_losses", {}).items()]
-        runs, evals = o / "runs", o / "eval"
+        self.paths = dict(data=data, ann=ann, karpathy=karpathy, reg=reg, tok=tok,
+                          runs=o / "runs", evals=o / "eval")
+        runs, vta_set = o / "runs", reg / "teacher-vta"
+        m = self.raw["models"]
         for task in self.raw["tasks"]:
-            def annotations(split: str) -> list[str]:
-                if task == "caption":
-                    return ["--captions", str(karpathy), "--split", split]
-                return ["--vqa-questions", str(ann / f"v2_OpenEnded_synthetic_{split}_questions.json"),
-                        "--vqa-annotations", str(ann / f"v2_synthetic_{split}_annotations.json")]
-
-            data_args = annotations("train")
-            base = ["--task", task, "--tokenizer", str(tok), "--batch-size", str(s["batch_size"]),
-                    "--seed", str(d["seed"]), *data_args,
-                    *[a for kv in sets for a in ("--set", kv)]]
-            m = self.raw["models"]
-            t_own = runs / f"teacher-own-{task}"
-            self.run(f"{task}: teacher on its own boxes", [
+            base = self._train_args(task, d["seed"])
+            t_own, t_vta = runs / f"teacher-own-{task}", runs / f"teacher-vta-{task}"
+            st_own = self.stage(f"{task}: teacher on its own boxes", [
                 tr, "finetune", "--model", m["teacher"], "--regions", str(reg / "teacher-own"),
                 "--max-steps", str(s["steps"]["teacher"]), "--output-dir", str(t_own), *base],
-                t_own)
-            t_vta = runs / f"teacher-vta-{task}"
-            self.run(f"{task}: teacher adapted to student boxes (VTA)", [
-                tr, "finetune", "--model", str(self.model_dir(t_own)),
-                "--regions", str(reg / "teacher-vta"),
+                t_own, after=(own, "tokenizer"))
+            st_vta = self.stage(f"{task}: teacher adapted to student boxes (VTA)", [
+                tr, "finetune", "--model", str(self.model_dir(t_own)), "--regions", str(vta_set),
                 "--max-steps", str(s["steps"]["teacher_adapt"]), "--output-dir", str(t_vta),
-                *base], t_vta)
-            s_base = runs / f"student-base-{task}"
-            self.run(f"{task}: student without KD", [
-                tr, "finetune", "--model", m["student"], "--regions", str(reg / "student"),
-                "--max-steps", str(s["steps"]["student"]), "--output-dir", str(s_base), *base],
-                s_base)
-            s_kd = runs / f"student-kd-{task}"
-            self.run(f"{task}: student with KD", [
-                tr, "distill", "--teacher", str(self.model_dir(t_vta)), "--student", m["student"],
-                "--student-regions", str(reg / "student"),
-                "--teacher-regions", str(reg / "teacher-vta"),
-                "--max-steps", str(s["steps"]["student"]), "--output-dir", str(s_kd), *base,
-                *[a for kv in kd_sets for a in ("--set", kv)]], s_kd)
-
-            ev_data = annotations("test")
-            ev_sets = ["--set", f"eval.max_samples={s['eval_max_samples']}", "--set",
-                       f"eval.beam_size={self.raw['train'].get('eval.beam_size', 5)}"]
-            for key, model, regions in [
-                ("teacher-own", t_own, reg / "teacher-own"),
-                ("teacher-own-on-student-boxes", t_own, reg / "teacher-vta"),
-                ("teacher-vta", t_vta, reg / "teacher-vta"),
-                ("student-base", s_base, reg / "student"),
-                ("student-kd", s_kd, reg / "student"),
-            ]:
-                e = evals / f"{key}-{task}"
-                extra = (["--tag-regions", str(reg / "student")]
-                         if regions.name == "teacher-vta" else [])
-                self.run(f"{task}: evaluate {key}", [
-                    tr, "evaluate", "--model", str(self.model_dir(model)), "--regions", str(regions),
-                    "--task", task, *ev_data, *extra, "--output-dir", str(e), *ev_sets], e)
+                *base], t_vta, after=(st_own, vta))
+            self.evaluate(task, "teacher-own", t_own, reg / "teacher-own", st_own)
+            self.evaluate(task, "teacher-own-on-student-boxes", t_own, vta_set, st_own)
+            self.evaluate(task, "teacher-vta", t_vta, vta_set, st_vta)
+            self.add_students(task, d["seed"])
 
         # pictures: boxes of one test image (student tags | teacher tags over the same boxes),
         # teacher vs distilled-student attention maps on one test caption
-        test_ids = sorted(str(im["id"]) for im in
-                          json.loads((ann / "captions_test.json").read_text())["images"])
         pics = o / "pictures"
-        self.run("picture: boxes", [ex, "inspect", str(reg / "student"), "--with",
-                                    str(reg / "teacher-vta"), "--image-id", test_ids[0],
-                                    *images, "--draw", str(o / "boxes.png")], pics / "boxes")
+        self.stage("picture: boxes", [
+            ex, "inspect", str(reg / "student"), "--with", str(reg / "teacher-vta"),
+            "--image-id", str(image_id_for("test", 0)), *images, "--draw", str(o / "boxes.png")],
+            pics / "boxes", after=(vta,))
         if "caption" in self.raw["tasks"]:
-            self.run("picture: attention", [
+            self.stage("picture: attention", [
                 tr, "show-attention", "--teacher", str(self.model_dir(runs / "teacher-vta-caption")),
                 "--student", str(self.model_dir(runs / "student-kd-caption")),
                 "--student-regions", str(reg / "student"),
                 "--teacher-regions", str(reg / "teacher-vta"), "--captions", str(karpathy),
-                "--split", "test", "--out", str(o / "attention.png")], pics / "attention")
-
-        from vlkd.demo.report import write_report
-        report = write_report(self)
-        self.say(f"report: {report}  (total {time.time() - self.t0:.0f} s)")
-        return report
+                "--split", "test", "--out", str(o / "attention.png")], pics / "attention",
+                after=("caption: student with KD",))
 
     @staticmethod
     def model_dir(run_dir: Path) -> Path:
-        """The model a finished training run leaves: its final model directory."""
-        for name in ("final", "best", "model"):
-            if (run_dir / name / "config.json").exists():
-                return run_dir / name
+        """The model a finished training run leaves (``vlkd-train`` writes it last)."""
         return run_dir / "final"
 
 
-def run_demo(out: str, quick: bool, clean: bool = False) -> Path:
-    if clean and Path(out).exists():
-        shutil.rmtree(out)
-    return Demo(Path(out), quick=quick).pipeline()
+def run_demo(out: str, quick: bool, clean: bool = False, jobs: int = 0,
+             config: str | None = None) -> Path:
+    demo = Demo(Path(out), quick=quick, jobs=jobs, config=Path(config) if config else None)
+    if clean and demo.out.exists():
+        shutil.rmtree(demo.out)
+    return demo.pipeline()

@@ -58,7 +58,8 @@ def _curves(out: Path, png: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = sorted((out / "runs").glob("*/metrics.jsonl"))
+    # the demo's own runs (benchmarks/kd_gain.py adds "-seed<n>" runs beside them)
+    runs = sorted(p for p in (out / "runs").glob("*/metrics.jsonl") if "-seed" not in p.parent.name)
     if not runs:
         return False
     tasks = sorted({p.parent.name.rsplit("-", 1)[-1] for p in runs})
@@ -92,6 +93,7 @@ def _curves(out: Path, png: Path) -> bool:
 def write_report(demo) -> Path:
     out: Path = demo.out
     res = collect(out)
+    res["distill_losses"] = demo.raw.get("distill_losses", {})
     res["stages"] = [{"name": s.name, "seconds": round(s.seconds, 1), "skipped": s.skipped}
                      for s in demo.log]
     (out / "report.json").write_text(json.dumps(res, indent=1) + "\n")
@@ -123,7 +125,9 @@ def write_report(demo) -> Path:
     if all(isinstance(x.get("CIDEr"), float) for x in (kd, base)):
         lines += ["", f"KD gain on this run: CIDEr {100 * (kd['CIDEr'] - base['CIDEr']):+.1f}, "
                   f"VQA {((kd.get('VQA') or 0) - (base.get('VQA') or 0)):+.1f} "
-                  "(one seed; benchmarks/kd_gain.py averages three)."]
+                  "(one seed; benchmarks/kd_gain.py averages three). KD terms (`distill_losses` "
+                  "in configs/demo/demo.yaml): " + ", ".join(
+                      f"`{k}: {v}`" for k, v in res["distill_losses"].items()) + "."]
     lines += ["", "Caption scores ×100 (pycocoevalcap). SPICE needs Stanford CoreNLP models that "
               "cannot be downloaded here; see each scores.json note.", ""]
     pngs = [("boxes.png", "Student (left) and teacher (right) boxes with their class tags on one "
@@ -134,7 +138,13 @@ def write_report(demo) -> Path:
     for name, cap in pngs:
         if (out / name).exists() or (name == "training_curves.png" and curves):
             lines += ["", f"![{cap}]({name})", f"*{cap}*"]
-    lines += ["", "## Stages", "", "| stage | seconds | |", "|---|---|---|"]
+    import time
+
+    ran = [st for st in res["stages"] if not st["skipped"]]
+    lines += ["", "## Stages", "",
+              f"Wall time of this run: {time.time() - demo.t0:.0f} s for {len(ran)} stages "
+              f"(up to {demo.jobs} at a time on {demo.cores} cores; the seconds below overlap).",
+              "", "| stage | seconds | |", "|---|---|---|"]
     for s in res["stages"]:
         lines.append(f"| {s['name']} | {s['seconds']:.0f} | {'skipped (done before)' if s['skipped'] else ''} |")
     path = out / "report.md"

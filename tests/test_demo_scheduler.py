@@ -1,0 +1,125 @@
+"""The demo's stage graph: dependency order, stages side by side, thread shares, failures and
+skipping on a re-run. Stages here are tiny Python processes that record when they ran."""
+import json
+import os
+import sys
+
+import pytest
+
+from vlkd.demo.pipeline import Demo
+
+STAGE = """
+import json, os, sys, time
+t0 = time.time()
+time.sleep(float(sys.argv[2]))
+json.dump({"start": t0, "end": time.time(), "threads": os.environ["OMP_NUM_THREADS"]},
+          open(sys.argv[1], "w"))
+sys.exit(int(sys.argv[3]))
+"""
+
+
+def _stage(demo, tmp_path, name, after=(), sleep=0.6, rc=0):
+    out = tmp_path / "stages" / name
+    rec = tmp_path / f"{name}.json"
+    demo.stage(name, [sys.executable, "-c", STAGE, str(rec), str(sleep), str(rc)], out,
+               after=after)
+    return rec
+
+
+def _diamond(tmp_path, jobs, rc_b=0):
+    demo = Demo(tmp_path / "out", jobs=jobs)
+    recs = {"a": _stage(demo, tmp_path, "a")}
+    recs["b"] = _stage(demo, tmp_path, "b", after=("a",), rc=rc_b, sleep=0.2 if rc_b else 0.6)
+    recs["c"] = _stage(demo, tmp_path, "c", after=("a",), sleep=1.2)
+    recs["d"] = _stage(demo, tmp_path, "d", after=("b", "c"))
+    return demo, recs
+
+
+def test_order_parallelism_and_thread_shares(tmp_path):
+    demo, recs = _diamond(tmp_path, jobs=2)
+    demo.execute()
+    r = {k: json.loads(p.read_text()) for k, p in recs.items()}
+    assert r["a"]["end"] <= min(r["b"]["start"], r["c"]["start"])
+    assert r["b"]["start"] < r["c"]["end"] and r["c"]["start"] < r["b"]["end"]  # side by side
+    assert r["d"]["start"] >= max(r["b"]["end"], r["c"]["end"])
+    cores = len(os.sched_getaffinity(0))
+    assert int(r["a"]["threads"]) == cores            # alone: every core
+    assert int(r["b"]["threads"]) == max(1, cores // 2)  # two at once: half each
+    assert all(st.seconds > 0 and not st.skipped for st in demo.log)
+    assert all((st.out / ".done").exists() and (st.out / "stage.log").exists()
+               for st in demo.log)
+
+    # a re-run (a fresh process would build the same graph) runs nothing again
+    before = {k: p.read_text() for k, p in recs.items()}
+    demo2, _ = _diamond(tmp_path, jobs=2)
+    demo2.execute()
+    assert all(st.skipped for st in demo2.log)
+    assert {k: p.read_text() for k, p in recs.items()} == before
+
+
+def test_one_job_runs_stages_one_after_another(tmp_path):
+    demo, recs = _diamond(tmp_path, jobs=1)
+    demo.execute()
+    spans = sorted((json.loads(p.read_text())["start"], json.loads(p.read_text())["end"])
+                   for p in recs.values())
+    assert all(e0 <= s1 for (_, e0), (s1, _) in zip(spans, spans[1:]))
+
+
+def test_failure_stops_new_stages_and_keeps_finished_ones(tmp_path):
+    demo, recs = _diamond(tmp_path, jobs=2, rc_b=3)
+    with pytest.raises(RuntimeError) as e:
+        demo.execute()
+    msg = str(e.value)
+    assert "stage b failed (exit 3)" in msg and str(tmp_path / "stages" / "b" / "stage.log") in msg
+    st = {s.name: s for s in demo.log}
+    assert (st["a"].out / ".done").exists()
+    assert (st["c"].out / ".done").exists()           # running when b failed: allowed to finish
+    assert not (st["b"].out / ".done").exists()
+    assert not recs["d"].exists() and not (st["d"].out / ".done").exists()
+
+
+def test_unknown_dependency_and_duplicate_are_refused(tmp_path):
+    demo = Demo(tmp_path / "out", jobs=1)
+    _stage(demo, tmp_path, "a")
+    with pytest.raises(ValueError, match="unknown dependencies \\['x'\\]"):
+        _stage(demo, tmp_path, "b", after=("x",))
+    with pytest.raises(ValueError, match="duplicate"):
+        _stage(demo, tmp_path, "a")
+
+
+def test_demo_plan_is_a_valid_graph(tmp_path):
+    """The real demo's stages: every dependency names an earlier stage, and each training
+    or evaluation stage waits for what it reads."""
+    demo = Demo(tmp_path / "out", quick=True)
+    demo.plan()
+    names = [s.name for s in demo.log]
+    assert len(names) == len(set(names))
+    st = {s.name: s for s in demo.log}
+    assert "caption: teacher adapted to student boxes (VTA)" in st["caption: student with KD"].after
+    assert "teacher-features" in st["caption: teacher adapted to student boxes (VTA)"].after
+    assert st["caption: student without KD"].after == ["tokenizer"]
+    assert "caption: student with KD" in st["caption: evaluate student-kd"].after
+    assert set(st["teacher-features"].after) == {"proposals-student", "detector-teacher"}
+
+
+def test_rerun_with_other_arguments_is_refused(tmp_path):
+    demo, recs = _diamond(tmp_path, jobs=2)
+    demo.execute()
+    before = recs["c"].read_text()
+    demo2 = Demo(tmp_path / "out", jobs=2)
+    _stage(demo2, tmp_path, "a")
+    _stage(demo2, tmp_path, "c", after=("a",), sleep=0.3)     # c planned differently now
+    with pytest.raises(RuntimeError, match="stage c finished before with other arguments") as e:
+        demo2.execute()
+    assert "--clean" in str(e.value)
+    assert recs["c"].read_text() == before                   # nothing re-ran over it
+
+
+def test_bad_demo_config_names_what_is_missing(tmp_path):
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text("full: {data: {num_train: 10}}\ntasks: [caption, vqa]\n")
+    with pytest.raises(RuntimeError, match=r"missing quick, models, full\.detector_iters"):
+        Demo(tmp_path / "out", config=cfg)
+    cfg.write_text("full: [1\n")
+    with pytest.raises(RuntimeError, match="not valid YAML"):
+        Demo(tmp_path / "out", config=cfg)
