@@ -150,7 +150,7 @@ class Demo:
                 logf.write(line)
                 # the terminal gets errors and one progress line per stage every ~15 s
                 low = line.lower()
-                progress = "it/s" in low or "img/s" in low or "%|" in line or "step" in low
+                progress = any(k in low for k in ("it/s", "img/s", "%|", "step", "eta:"))
                 if "error" in low or (progress and time.time() - last >= 15):
                     last = time.time()
                     self.say(f"  {st.name}: {line.strip()[:140]}")
@@ -237,25 +237,33 @@ class Demo:
     def add_students(self, task: str, seed: int, suffix: str = "") -> tuple[str, str]:
         """The student without and with KD (same data, steps and seed) and their evaluations,
         as ``runs/student-{base,kd}<suffix>-<task>``; returns the two evaluation stages."""
+        kd = self.add_student(task, seed, suffix, kd=True)   # first: it is on the critical path
+        return self.add_student(task, seed, suffix, kd=False), kd
+
+    def add_student(self, task: str, seed: int, suffix: str = "", kd: bool = True,
+                    kd_sets: dict | None = None) -> str:
+        """One student run and its evaluation; with ``kd``, distilled from this task's VTA
+        teacher with ``distill_losses`` updated by ``kd_sets`` (an ablation). The run is
+        ``runs/student-{base,kd}<suffix>-<task>``; returns its evaluation stage."""
         s, P, m = self.size, self.paths, self.raw["models"]
         tr, stu = str(BIN / "vlkd-train"), P["reg"] / "student"
-        base = self._train_args(task, seed)
-        kd_sets = [a for k, v in self.raw.get("distill_losses", {}).items()
-                   for a in ("--set", f"{k}={v}")]
-        s_base = P["runs"] / f"student-base{suffix}-{task}"
-        s_kd = P["runs"] / f"student-kd{suffix}-{task}"
-        t_vta = self.model_dir(P["runs"] / f"teacher-vta-{task}")
-        st_kd = self.stage(f"{task}: student with KD{suffix}", [
-            tr, "distill", "--teacher", str(t_vta), "--student", m["student"],
-            "--student-regions", str(stu), "--teacher-regions", str(P["reg"] / "teacher-vta"),
-            "--max-steps", str(s["steps"]["student"]), "--output-dir", str(s_kd), *base,
-            *kd_sets], s_kd, after=(f"{task}: teacher adapted to student boxes (VTA)",))
-        st_base = self.stage(f"{task}: student without KD{suffix}", [
-            tr, "finetune", "--model", m["student"], "--regions", str(stu),
-            "--max-steps", str(s["steps"]["student"]), "--output-dir", str(s_base), *base],
-            s_base, after=("tokenizer",))
-        return (self.evaluate(task, f"student-base{suffix}", s_base, stu, st_base),
-                self.evaluate(task, f"student-kd{suffix}", s_kd, stu, st_kd))
+        key = f"student-{'kd' if kd else 'base'}{suffix}"
+        run = P["runs"] / f"{key}-{task}"
+        args = ["--max-steps", str(s["steps"]["student"]), "--output-dir", str(run),
+                *self._train_args(task, seed)]
+        if kd:
+            losses = {**self.raw.get("distill_losses", {}), **(kd_sets or {})}
+            trained = self.stage(f"{task}: student with KD{suffix}", [
+                tr, "distill", "--teacher", str(self.model_dir(P["runs"] / f"teacher-vta-{task}")),
+                "--student", m["student"], "--student-regions", str(stu),
+                "--teacher-regions", str(P["reg"] / "teacher-vta"), *args,
+                *[a for k, v in losses.items() for a in ("--set", f"{k}={v}")]],
+                run, after=(f"{task}: teacher adapted to student boxes (VTA)",))
+        else:
+            trained = self.stage(f"{task}: student without KD{suffix}", [
+                tr, "finetune", "--model", m["student"], "--regions", str(stu), *args],
+                run, after=("tokenizer",))
+        return self.evaluate(task, key, run, stu, trained)
 
     def pipeline(self) -> Path:
         self.plan()
