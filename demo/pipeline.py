@@ -252,7 +252,13 @@ class Demo:
         args = ["--max-steps", str(s["steps"]["student"]), "--output-dir", str(run),
                 *self._train_args(task, seed)]
         if kd:
-            losses = {**self.raw.get("distill_losses", {}), **(kd_sets or {})}
+            losses = dict(self.raw.get("distill_losses", {}))
+            for k in kd_sets or {}:     # a new loss type drops the old type's params
+                if k.endswith(".type"):
+                    term = k[: -len("type")]
+                    losses = {kk: v for kk, v in losses.items()
+                              if not kk.startswith(term + "params.")}
+            losses.update(kd_sets or {})
             trained = self.stage(f"{task}: student with KD{suffix}", [
                 tr, "distill", "--teacher", str(self.model_dir(P["runs"] / f"teacher-vta-{task}")),
                 "--student", m["student"], "--student-regions", str(stu),

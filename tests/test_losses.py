@@ -477,3 +477,35 @@ def test_combiner_task_only_without_teacher_and_scores_flag():
         scores(out, None, batch)
     with pytest.raises(KeyError, match="type, weight, params"):
         LossCombiner.from_config({"x": {"type": "itm_ce", "wieght": 1}})
+
+
+def test_switching_a_terms_type_drops_the_old_types_params():
+    """`losses.hidden.type=hidden_mse` (the MSE ablation) must not inherit hidden_infonce's
+    queue_size, temperature, proj_dim; the default weight stays; new params apply."""
+    from vlkd.train.config import load_config, resolved_losses
+
+    cfg = load_config(None, ["losses.hidden.type=hidden_mse"])
+    terms = resolved_losses(cfg, distill=True)
+    assert terms["hidden"] == {"type": "hidden_mse", "weight": 1.0}
+    assert terms["attention"]["params"]["layer_map"] == "uniform"      # untouched
+    cfg = load_config(None, ["losses.hidden.type=hidden_mse",
+                             "losses.hidden.params.layer_map=last"])
+    assert resolved_losses(cfg, distill=True)["hidden"]["params"] == {"layer_map": "last"}
+    # same type: params merge over the defaults
+    cfg = load_config(None, ["losses.hidden.params.queue_size=16"])
+    p = resolved_losses(cfg, distill=True)["hidden"]["params"]
+    assert p["queue_size"] == 16 and p["temperature"] == 0.07
+    s, t = VLConfig.preset("tiny"), VLConfig.preset("tiny-teacher")
+    comb = LossCombiner.from_config(resolved_losses(load_config(
+        None, ["losses.hidden.type=hidden_mse"]), distill=True), s, t)
+    assert isinstance(comb.terms["hidden"], HiddenMSELoss)
+
+
+def test_unknown_loss_params_name_what_the_loss_takes():
+    s, t = VLConfig.preset("tiny"), VLConfig.preset("tiny-teacher")
+    with pytest.raises(ValueError, match=r"loss 'hidden_mse': unknown params \['queue_size'\]; "
+                                         r"it takes \['include_embeddings', 'layer_map', "
+                                         r"'projection'\]"):
+        build_loss("hidden_mse", {"queue_size": 8}, s, t)
+    with pytest.raises(ValueError, match="unknown params \\['student_dim'\\]"):
+        build_loss("hidden_mse", {"student_dim": 8}, s, t)

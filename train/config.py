@@ -301,9 +301,17 @@ def default_losses(task: str, distill: bool, label_smoothing: float = 0.1) -> di
 
 
 def resolved_losses(cfg: "RunConfig", distill: bool) -> dict:
-    """Default loss terms for the run's task and command with ``cfg.losses`` merged in."""
-    return deep_merge(default_losses(cfg.task.name, distill, cfg.task.label_smoothing),
-                      cfg.losses)
+    """Default loss terms for the run's task and command with ``cfg.losses`` merged in.
+
+    A term whose ``type`` the config changes (``hidden: {type: hidden_mse}``) keeps the
+    default's weight but not its ``params``, which belong to the other loss."""
+    base = default_losses(cfg.task.name, distill, cfg.task.label_smoothing)
+    for name, term in (cfg.losses or {}).items():
+        old = base.get(name)
+        if (isinstance(term, dict) and isinstance(old, dict) and "type" in term
+                and term["type"] != old.get("type")):
+            base[name] = {k: v for k, v in old.items() if k != "params"}
+    return deep_merge(base, cfg.losses or {})
 
 
 def deep_merge(base: dict, update: dict) -> dict:

@@ -32,6 +32,8 @@ Layer maps (``layer_map``) pair a student layer s with a teacher layer t, number
 """
 from __future__ import annotations
 
+import inspect
+
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -93,7 +95,18 @@ def build_loss(type_name: str, params: Mapping[str, Any] | None = None,
     """Builds a registered loss from its name and YAML params."""
     if type_name not in LOSSES:
         raise KeyError(f"unknown loss type {type_name!r}; registered: {sorted(LOSSES)}")
-    return LOSSES[type_name].from_config(dict(params or {}), student_config, teacher_config)
+    cls = LOSSES[type_name]
+    params = dict(params or {})
+    sig = inspect.signature(cls.__init__)
+    if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        known = [n for n in sig.parameters if n != "self"]
+        # from_config fills these from the model configs
+        given = {"student_dim", "teacher_dim", "num_student_layers", "num_teacher_layers"}
+        unknown = sorted(k for k in params if k not in known or k in given)
+        if unknown:
+            raise ValueError(f"loss {type_name!r}: unknown params {unknown}; it takes "
+                             f"{sorted(k for k in known if k not in given)}")
+    return cls.from_config(params, student_config, teacher_config)
 
 
 class KDLoss(nn.Module):
