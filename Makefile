@@ -17,6 +17,9 @@ demo: install
 demo-quick: install
 	$(VENV)/bin/vlkd-demo --out demo-out --quick
 
+bench: install
+	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
 bench-quick: install
 	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b --quick || exit 1; done
 
