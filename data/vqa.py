@@ -143,3 +143,26 @@ def build_answer_vocab(questions: list[VQAQuestion], min_count: int = 9) -> list
     if not vocab:
         raise AnnotationError(f"no answer occurs {min_count}+ times; lower the minimum count")
     return vocab
+
+
+def question_type_prior(train: list[VQAQuestion], questions: list[VQAQuestion]
+                        ) -> dict[int, str]:
+    """A model-free baseline: each question answered with the most frequent (normalised) human
+    answer of its ``question_type`` in ``train`` (ties: the alphabetically first), or of all of
+    ``train`` for a type ``train`` lacks. Returns question id -> answer, for the VQA metric."""
+    by_type: dict[str, Counter] = {}
+    overall: Counter = Counter()
+    for q in train:
+        answers = [normalize_answer(a) for a in q.answers]
+        by_type.setdefault(q.question_type, Counter()).update(answers)
+        overall.update(answers)
+    if not overall:
+        raise ValueError("question_type_prior: the training questions carry no answers; load "
+                         "them with their annotations file")
+
+    def top(c: Counter) -> str:
+        return min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+
+    best = {t: top(c) for t, c in by_type.items()}
+    fallback = top(overall)
+    return {q.question_id: best.get(q.question_type, fallback) for q in questions}

@@ -50,7 +50,23 @@ def collect(out: Path) -> dict:
                 # captioning: one sample per image, beam search included
                 row["seconds_per_image"] = sc["seconds_per_sample"]
         res["models"][key] = row
+    res["vqa_prior"] = _vqa_prior(out)
     return res
+
+
+def _vqa_prior(out: Path) -> dict | None:
+    """VQA accuracy on the test split of answering by question type alone (no image, no model):
+    what a VQA model must beat to show it looks at the regions."""
+    ann = out / "data" / "annotations"
+    paths = {sp: (ann / f"v2_OpenEnded_synthetic_{sp}_questions.json",
+                  ann / f"v2_synthetic_{sp}_annotations.json") for sp in ("train", "test")}
+    if not all(p.is_file() for pair in paths.values() for p in pair):
+        return None
+    from vlkd.data.vqa import load_vqa, question_type_prior
+    from vlkd.train.metrics import vqa_accuracy
+
+    train, test = (load_vqa(*paths[sp]) for sp in ("train", "test"))
+    return vqa_accuracy(question_type_prior(train, test), test)
 
 
 def _curves(out: Path, png: Path) -> bool:
@@ -121,6 +137,10 @@ def write_report(demo) -> Path:
             f" | {_fmt(r.get('VQA'), 1)} | "
             f"{f'{params / 1e6:.2f} M' if isinstance(params, (int, float)) else 'n/a'} | "
             f"{f'{spi * 1e3:.1f}' if isinstance(spi, (int, float)) else 'n/a'} |")
+    prior = res.get("vqa_prior")
+    if prior:
+        lines.append(f"| *question-type prior (answers by question type; no image, no model)* | "
+                     f"| | | | {prior['accuracy']:.1f} | | |")
     kd, base = res["models"]["student-kd"], res["models"]["student-base"]
     if all(isinstance(x.get("CIDEr"), float) for x in (kd, base)):
         lines += ["", f"KD gain on this run: CIDEr {100 * (kd['CIDEr'] - base['CIDEr']):+.1f}, "

@@ -97,3 +97,24 @@ def test_caption_scores_equal_pycocoevalcap_direct():
 def test_caption_scores_refuse_unknown_ids():
     with pytest.raises(ValueError, match="no reference captions"):
         caption_scores({"1": ["x"]}, {"2": "y"}, spice=False)
+
+
+def test_question_type_prior_answers_each_type_with_its_most_frequent_answer():
+    from vlkd.data.vqa import question_type_prior
+
+    def q(qid, qtype, answers):
+        return VQAQuestion(qid, "1", "?", answers=answers, question_type=qtype)
+
+    train = [q(1, "how many", ["2"] * 6 + ["3"] * 4),
+             q(2, "how many", ["three"] * 10),        # normalised to "3": 14 × "3" vs 6 × "2"
+             q(3, "is the", ["yes"] * 5 + ["no"] * 5),  # tie: alphabetically first, "no"
+             q(4, "what color is the", ["Red."] * 10)]
+    test = [q(10, "how many", ["3"] * 10), q(11, "is the", ["yes"] * 10),
+            q(12, "what shape is", ["circle"] * 10)]  # unseen type: most frequent overall
+    pred = question_type_prior(train, test)
+    assert pred == {10: "3", 11: "no", 12: "3"}
+    # counts over all of train: "3" 14, "red" 10, "2" 6, "no" 5, "yes" 5
+    acc = vqa_accuracy(pred, test)
+    assert acc["accuracy"] == pytest.approx(100 / 3)
+    with pytest.raises(ValueError, match="carry no answers"):
+        question_type_prior([q(1, "how many", [])], test)
