@@ -31,6 +31,9 @@ def test_quick_demo_report(tmp_path):
             v = row.get(metric)
             assert isinstance(v, float) and math.isfinite(v), (key, metric, v)
         assert row["num_parameters"] > 0 and row["seconds_per_image"] > 0
+    prior = res["vqa_prior"]["accuracy"]                     # the model-free VQA reference
+    assert math.isfinite(prior) and 0 < prior < 100 and "question-type prior" in report
+    assert "Wall time of this run" in report
     for png in ("boxes.png", "attention.png", "training_curves.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, png
