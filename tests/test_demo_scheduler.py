@@ -123,3 +123,17 @@ def test_bad_demo_config_names_what_is_missing(tmp_path):
     cfg.write_text("full: [1\n")
     with pytest.raises(RuntimeError, match="not valid YAML"):
         Demo(tmp_path / "out", config=cfg)
+
+
+def test_the_head_of_the_longest_chain_starts_first(tmp_path):
+    """a and b are both ready; b heads b → c → d (3 stages), so with one job b runs before a,
+    though a was added first; then c (chain 2) before a (1); then a before d (both 1: the one
+    added first)."""
+    demo = Demo(tmp_path / "out", jobs=1)
+    recs = {"a": _stage(demo, tmp_path, "a", sleep=0.1)}
+    recs["b"] = _stage(demo, tmp_path, "b", sleep=0.1)
+    recs["c"] = _stage(demo, tmp_path, "c", after=("b",), sleep=0.1)
+    recs["d"] = _stage(demo, tmp_path, "d", after=("c",), sleep=0.1)
+    demo.execute()
+    start = {k: json.loads(p.read_text())["start"] for k, p in recs.items()}
+    assert sorted(start, key=start.get) == ["b", "c", "a", "d"]
