@@ -66,3 +66,34 @@ def test_build_vocab_command_adds_class_names(tmp_path):
     tok = load_tokenizer(tmp_path / "tok")
     assert tok.tokenize("fire hydrant zebra") == ["fire", "hydrant", "zebra"]
     assert json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())["do_lower_case"]
+
+
+def test_small_vocabularies_are_whole_words_and_the_same_every_time(tmp_path):
+    """The tokenizers trainer breaks ties in hash-map order (huggingface/tokenizers#1794); a
+    vocabulary that fits is built word by word instead, identically in every process."""
+    import subprocess
+    import sys
+
+    texts = ["A red circle, a RED square.", "the red square is behind the circle?"]
+    p = tmp_path / "pairs.tsv"
+    p.write_text("".join(f"{i}\t{t}\n" for i, t in enumerate(texts)))
+    # counts: red 3, a 2, circle 2, square 2, the 2, then behind/is 1 (alphabetical)
+    tok = build_vocab([p], tmp_path / "tok", vocab_size=1000, min_frequency=1)
+    lines = (tmp_path / "tok" / "vocab.txt").read_text().splitlines()
+    chars = sorted(set("aredcirclesquarethebehindis,?."))
+    assert lines == (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars
+                     + ["##" + c for c in chars]
+                     + ["red", "circle", "square", "the", "behind", "is"])
+    assert tok.tokenize("The red squares") == ["the", "red", "square", "##s"]
+    # another process (another hash seed) writes the same bytes
+    code = ("import sys; from pathlib import Path; from vlkd.train.tokenizer import build_vocab; "
+            "build_vocab([Path(sys.argv[1])], Path(sys.argv[2]), vocab_size=1000, "
+            "min_frequency=1)")
+    for i in range(2):
+        subprocess.run([sys.executable, "-c", code, str(p), str(tmp_path / f"tok{i}")],
+                       check=True, env={"PYTHONHASHSEED": str(i + 1), "PATH": ""})
+        assert (tmp_path / f"tok{i}" / "vocab.txt").read_text() == "\n".join(lines) + "\n"
+    # min_frequency drops rare words; too small a vocab_size falls back to merges
+    tok = build_vocab([p], tmp_path / "tok2", vocab_size=1000, min_frequency=2)
+    assert "behind" not in tok.get_vocab() and "square" in tok.get_vocab()
+    assert build_vocab([p], tmp_path / "tok3", vocab_size=40, min_frequency=1) is not None

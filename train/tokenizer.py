@@ -7,8 +7,10 @@ model directories and ``distill`` checks that teacher and student vocabularies a
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Iterable
 
@@ -18,6 +20,7 @@ __all__ = ["load_tokenizer", "build_vocab", "annotation_texts", "vocab_digest",
            "TokenizerError", "SPECIAL_TOKENS"]
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+log = logging.getLogger("vlkd.train")
 
 
 class TokenizerError(ValueError):
@@ -83,11 +86,50 @@ def annotation_texts(path: str | Path) -> Iterable[str]:
         raise TokenizerError(f"{path}: not an annotation file build-vocab reads ({e})") from None
 
 
+@functools.lru_cache(maxsize=2)
+def _splitter(lowercase: bool):
+    from tokenizers.normalizers import BertNormalizer
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+
+    return (BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
+                           lowercase=lowercase), BertPreTokenizer())
+
+
+def _words(text: str, lowercase: bool) -> list[str]:
+    """BERT's own normalisation and pre-tokenisation (whitespace and punctuation splits)."""
+    norm, pre = _splitter(lowercase)
+    return [w for w, _ in pre.pre_tokenize_str(norm.normalize_str(text))]
+
+
+def word_level_vocab(texts: list[str], vocab_size: int, min_frequency: int,
+                     lowercase: bool = True) -> list[str] | None:
+    """A deterministic WordPiece vocabulary for small closed vocabularies: the specials, every
+    character alone and as ``##`` continuation (so any word over this alphabet tokenises), and
+    every word seen ``min_frequency`` times, most frequent first (ties alphabetical). None when
+    that does not fit in ``vocab_size``."""
+    counts: dict[str, int] = {}
+    for t in texts:
+        for w in _words(t, lowercase):
+            counts[w] = counts.get(w, 0) + 1
+    chars = sorted({c for w in counts for c in w})
+    vocab = SPECIAL_TOKENS + chars + ["##" + c for c in chars]
+    have = set(vocab)
+    vocab += [w for w, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+              if n >= min_frequency and w not in have]
+    return vocab if len(vocab) <= vocab_size else None
+
+
 def build_vocab(files: list[str | Path], out_dir: str | Path, *, vocab_size: int = 30522,
                 min_frequency: int = 2, extra_words: Iterable[str] = (),
                 lowercase: bool = True) -> BertTokenizerFast:
-    """Trains a BERT WordPiece vocabulary on annotation texts and saves it as a Hugging Face
+    """Builds a BERT WordPiece vocabulary from annotation texts and saves it as a Hugging Face
     tokenizer directory (``vocab.txt``, ``tokenizer.json``, ``tokenizer_config.json``).
+
+    When every word seen ``min_frequency`` times fits in ``vocab_size`` (with the specials and
+    the alphabet), the vocabulary is those whole words (:func:`word_level_vocab`): the same
+    texts always give the same file. Otherwise WordPiece merges are trained with the
+    ``tokenizers`` library, whose result can differ between runs on the same texts (count ties
+    are broken in hash-map order, huggingface/tokenizers#1794), and a warning says so.
 
     Args:
         files: Annotation files (see :func:`annotation_texts`).
@@ -112,14 +154,24 @@ def build_vocab(files: list[str | Path], out_dir: str | Path, *, vocab_size: int
     if not texts:
         raise TokenizerError(f"no texts found in {[str(f) for f in files]}; pass caption, VQA or "
                              "pair annotation files")
-    wp = BertWordPieceTokenizer(clean_text=True, handle_chinese_chars=True,
-                                strip_accents=None, lowercase=lowercase)
-    wp.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency,
-                           special_tokens=SPECIAL_TOKENS, limit_alphabet=1000,
-                           wordpieces_prefix="##", show_progress=False)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    wp.save_model(str(out_dir))  # vocab.txt
+    words = word_level_vocab(texts, vocab_size, min_frequency, lowercase)
+    if words is not None:
+        (out_dir / "vocab.txt").write_text("\n".join(words) + "\n")
+    else:
+        # The tokenizers trainer breaks count ties in hash-map order, so the same texts can
+        # give different vocabularies (huggingface/tokenizers#1794): save the result.
+        log.warning("build-vocab: %d distinct words do not fit vocab_size %d; training "
+                    "WordPiece merges, which the tokenizers library does not make "
+                    "reproducible: keep this tokenizer with the runs that use it",
+                    len({w for t in texts for w in _words(t, lowercase)}), vocab_size)
+        wp = BertWordPieceTokenizer(clean_text=True, handle_chinese_chars=True,
+                                    strip_accents=None, lowercase=lowercase)
+        wp.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency,
+                               special_tokens=SPECIAL_TOKENS, limit_alphabet=1000,
+                               wordpieces_prefix="##", show_progress=False)
+        wp.save_model(str(out_dir))  # vocab.txt
     for stale in ("tokenizer.json",):  # a previous build's fast file would shadow vocab.txt
         (out_dir / stale).unlink(missing_ok=True)
     (out_dir / "tokenizer_config.json").write_text(json.dumps(
