@@ -4,7 +4,7 @@ Each stage is one command line (``vlkd-extract …``, ``vlkd-train …``) run as
 the demo exercises exactly what a user runs and needs neither phase's internals. A stage that
 finished writes ``<stage dir>/.done`` (with its wall time); a re-run skips it. Stages form a
 graph and independent ones run at the same time (``--jobs``, default one per core), each with
-its share of the cores:
+``cores // jobs`` threads:
 
     data ─┬→ detector (student) → proposals (student) ─┬→ teacher-features (VTA) → validate
           └→ detector (teacher) ─┬─────────────────────────┘
@@ -164,8 +164,8 @@ class Demo:
         self.say(f"{st.name}: ok in {st.seconds:.0f} s")
 
     def execute(self) -> None:
-        """Runs the stages in dependency order, up to ``jobs`` at a time. A stage gets the
-        cores divided among the stages running with it, fixed when it starts. After a failure
+        """Runs the stages in dependency order, up to ``jobs`` at a time, each with
+        ``cores // jobs`` threads. After a failure
         no new stage starts; the running ones finish, then the first error is raised."""
         # Of the stages ready to start, the one heading the longest chain of stages still to
         # come goes first (then the one added first): the chains teacher → adapted teacher →
@@ -206,7 +206,9 @@ class Demo:
                     continue
                 # skipped stages take no time: start those first and without a slot's worth
                 st = ready[0]
-                share = max(1, self.cores // min(self.jobs, len(running) + len(ready)))
+                # a fixed share, not one that depends on what else happens to be running:
+                # results computed with other thread counts can differ in the last bits
+                share = max(1, self.cores // self.jobs)
                 pending.remove(st)
                 th = threading.Thread(target=work, args=(st, share), daemon=True)
                 running[st.name] = th

@@ -43,8 +43,8 @@ def test_order_parallelism_and_thread_shares(tmp_path):
     assert r["b"]["start"] < r["c"]["end"] and r["c"]["start"] < r["b"]["end"]  # side by side
     assert r["d"]["start"] >= max(r["b"]["end"], r["c"]["end"])
     cores = len(os.sched_getaffinity(0))
-    assert int(r["a"]["threads"]) == cores            # alone: every core
-    assert int(r["b"]["threads"]) == max(1, cores // 2)  # two at once: half each
+    # a fixed share, alone or not, so results do not depend on what ran beside them
+    assert {int(x["threads"]) for x in r.values()} == {max(1, cores // 2)}
     assert all(st.seconds > 0 and not st.skipped for st in demo.log)
     assert all((st.out / ".done").exists() and (st.out / "stage.log").exists()
                for st in demo.log)
