@@ -858,6 +858,12 @@ class _MapCache:
 _MAPS = _MapCache()
 
 
+def release_maps(path: str | Path) -> None:
+    """Drops this process's memory maps of the shard at ``path`` (see
+    :meth:`ShardReader.release_maps`); the next read maps its files as they are then."""
+    _MAPS.forget(str(path))
+
+
 def _file_view(path: str, offset: int, shape: tuple, dtype: np.dtype) -> np.ndarray:
     """A read-only view of ``shape``/``dtype`` at byte ``offset`` of ``path`` (mapped)."""
     m = _MAPS.get(path)
@@ -1219,7 +1225,7 @@ class ShardReader:
         streaming many shards calls this when it moves past one, so memory stays flat. The next
         read maps the file again.
         """
-        _MAPS.forget(str(self.path))
+        release_maps(self.path)
 
     def __len__(self) -> int:
         return self.data.num_images

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .manifest import SCHEMA_VERSION, manifest_digest, read_manifest
-from .regionset import _MAPS
+from .regionset import release_maps
 from .regionset import (ARRAY_NAMES, DIGEST_SIZE, FEATURE_DTYPES, SHARD_FORMAT, RegionSetError,
                         ShardDigest, ShardReader, box_digest, encode_ids, shard_name)
 
@@ -389,7 +389,7 @@ def validate_region_set(path: str | os.PathLike, *, against: str | None = None,
         if e.get("bytes") is not None and e["bytes"] != size:
             rep.error(sw, f"{size} bytes on disk, the manifest recorded {e['bytes']}: the shard "
                       "was truncated, extended or replaced after it was written")
-        _MAPS.forget(str(spath))  # map the files as they are now
+        release_maps(spath)  # map the files as they are now
         shard = ShardReader(spath, index=idx)
         try:
             info = _raw_array_info(spath)

@@ -36,7 +36,7 @@ from vlkd.common.regionset import (ARRAY_NAMES, RegionSetError, ShardDigest, Sha
                                    box_digest, bytes_digest, encode_ids)
 # The per-process map cache of shard files: dropped before re-reading a shard that may have
 # been rewritten since this process last mapped it (a re-run in the same process, tests).
-from vlkd.common.regionset import _MAPS
+from vlkd.common.regionset import release_maps
 from vlkd.common.sharding import shard_ranges
 from vlkd.common.validate import Finding
 
@@ -194,7 +194,7 @@ def verify_proposals_shard(path: str | os.PathLike, manifest: dict, index: int, 
     if not spath.exists():
         raise AlignmentError(f"proposals shard {spath} is listed in the manifest but missing on "
                              f"disk; {fix}")
-    _MAPS.forget(str(spath))
+    release_maps(spath)
     reader = ShardReader(spath, index=index)
     where = f"proposals shard {index} ({spath.name})"
     try:

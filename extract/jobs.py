@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -67,6 +67,52 @@ def release_free_memory() -> None:
 
 
 # ----------------------------------------------------------------------------------- decode
+
+
+@dataclass(kw_only=True)
+class JobOptions:
+    """Options every extraction command shares (``ProposalsConfig``, ``TeacherConfig``).
+
+    Attributes:
+        images: image source (folder, list file, COCO JSON, Karpathy JSON).
+        config: detectron2 YAML config.
+        weights: weights file.
+        out: region-set directory.
+        image_root: root for relative paths of JSON / list sources.
+        shard_index: ``"all"``, an index, or None (from the array-job environment).
+        batch_size: images per forward pass (images of the same padded size only).
+        num_workers: decoding processes.
+        device: ``cpu`` / ``cuda`` / ``cuda:N``.
+        precision: ``fp32``, ``fp16``, ``bf16``.
+        feature_dtype: stored feature dtype.
+        max_pixels: decompression-bomb limit.
+        trust_pickle: allow pickle weight files.
+        log_format: ``text`` or ``json``.
+        progress: show progress.
+        opts: detectron2 config overrides (``KEY VALUE`` pairs).
+        window: images per batching/commit window (0: ``max(32, 8 * batch_size)``).
+    """
+
+    images: str
+    config: str
+    weights: str
+    out: str
+    image_root: str | None = None
+    shard_index: str | None = None
+    batch_size: int = 4
+    num_workers: int = 2
+    device: str = "cpu"
+    precision: str = "fp32"
+    feature_dtype: str = "float16"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    trust_pickle: bool = False
+    log_format: str = "text"
+    progress: bool = True
+    opts: tuple[str, ...] = field(default_factory=tuple)
+    window: int = 0
+
+    def window_size(self) -> int:
+        return self.window or max(32, 8 * self.batch_size)
 
 @dataclass
 class DecodedItem:

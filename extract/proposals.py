@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +25,10 @@ from vlkd import __version__
 from vlkd.common.manifest import update_manifest
 from vlkd.common.regionset import ShardWriter
 from vlkd.common.sharding import resolve_shard_indices, shard_ranges
-from vlkd.data.images import DEFAULT_MAX_PIXELS, ImageSource, open_image_source
+from vlkd.data.images import ImageSource, open_image_source
 
 from .detector import BoxSelection, Detector
-from .jobs import (BackgroundWriter, DecodeDataset, DecodedItem, FailureLimit, Progress,
+from .jobs import (BackgroundWriter, JobOptions, DecodeDataset, DecodedItem, FailureLimit, Progress,
                    check_set_header, decode_batches, release_free_memory, same_size_batches,
                    short)
 from .pooling import boxes_to_original, boxes_to_resized, pool_box_features
@@ -40,61 +40,25 @@ class SetMismatchError(RuntimeError):
     """``--out`` holds a set made with other settings (message says which and what to do)."""
 
 
-@dataclass
-class ProposalsConfig:
+@dataclass(kw_only=True)
+class ProposalsConfig(JobOptions):
     """Options of ``vlkd-extract proposals`` (the CLI fills this; defaults are the CLI's).
+    Besides :class:`~vlkd.extract.jobs.JobOptions`:
 
     Attributes:
-        images: image source (folder, list file, COCO JSON, Karpathy JSON).
-        config: detectron2 YAML config.
-        weights: weights file.
-        out: region-set directory.
-        image_root: root for relative paths of JSON / list sources.
         num_shards: shards of the set.
-        shard_index: ``"all"``, an index, or None (from the array-job environment).
         backend: ``hdf5`` or ``zarr``.
-        batch_size: images per forward pass (images of the same padded size only).
-        num_workers: decoding processes.
-        device: ``cpu`` / ``cuda`` / ``cuda:N``.
-        precision: ``fp32``, ``fp16``, ``bf16``.
         score_thresh, nms_thresh, min_boxes, max_boxes: box selection.
-        feature_dtype: stored feature dtype.
         max_failures: count, fraction or percentage (see ``FailureLimit``).
-        max_pixels: decompression-bomb limit.
-        trust_pickle: allow pickle weight files.
-        log_format: ``text`` or ``json``.
-        progress: show progress.
-        opts: detectron2 config overrides (``KEY VALUE`` pairs).
-        window: images per batching/commit window (0: ``max(32, 8 * batch_size)``).
     """
 
-    images: str
-    config: str
-    weights: str
-    out: str
-    image_root: str | None = None
     num_shards: int = 1
-    shard_index: str | None = None
     backend: str = "hdf5"
-    batch_size: int = 4
-    num_workers: int = 2
-    device: str = "cpu"
-    precision: str = "fp32"
     score_thresh: float = 0.2
     nms_thresh: float = 0.5
     min_boxes: int = 10
     max_boxes: int = 100
-    feature_dtype: str = "float16"
     max_failures: str = "1%"
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    trust_pickle: bool = False
-    log_format: str = "text"
-    progress: bool = True
-    opts: tuple[str, ...] = field(default_factory=tuple)
-    window: int = 0
-
-    def window_size(self) -> int:
-        return self.window or max(32, 8 * self.batch_size)
 
 
 @dataclass

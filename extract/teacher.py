@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,13 +35,13 @@ from vlkd import __version__
 from vlkd.common.manifest import manifest_digest, update_manifest
 from vlkd.common.regionset import ShardReader, ShardWriter, box_digest
 from vlkd.common.sharding import resolve_shard_indices
-from vlkd.data.images import DEFAULT_MAX_PIXELS, ImageRecord, open_image_source
+from vlkd.data.images import ImageRecord, open_image_source
 
 from .alignment import (SOURCE_SHARD_ATTR, TEACHER_ROLE, AlignmentError, ProposalsShard,
                         proposals_identity, read_proposals_manifest, require_complete,
                         verify_proposals_shard)
 from .detector import Detector
-from .jobs import (BackgroundWriter, DecodeDataset, DecodedItem, Progress, check_set_header,
+from .jobs import (BackgroundWriter, JobOptions, DecodeDataset, DecodedItem, Progress, check_set_header,
                    decode_batches, short)
 from .pooling import boxes_to_resized, classify_box_features, pool_box_features
 
@@ -59,59 +59,23 @@ class TeacherImageError(RuntimeError):
     re-run resumes it."""
 
 
-@dataclass
-class TeacherConfig:
-    """Options of ``vlkd-extract teacher-features`` (the CLI fills this).
+@dataclass(kw_only=True)
+class TeacherConfig(JobOptions):
+    """Options of ``vlkd-extract teacher-features`` (the CLI fills this). Besides
+    :class:`~vlkd.extract.jobs.JobOptions` (``images`` may be another root than proposals
+    used: images are matched by id; ``config`` and ``weights`` are the teacher's):
 
     Attributes:
         proposals: the proposals set (student boxes) to align with.
-        images: image source (folder, list file, COCO JSON, Karpathy JSON); may be another
-            root than proposals used: images are matched by id.
-        config: the teacher's detectron2 YAML config.
-        weights: the teacher's weights.
-        out: the teacher-features set directory.
-        image_root: root for relative paths of JSON / list sources.
         num_shards: must equal the proposals' (None: take it from them).
-        shard_index: ``"all"``, an index, or None (from the array-job environment).
         backend: ``hdf5`` or ``zarr`` (None: the proposals' backend).
-        batch_size: images per forward pass (images of the same padded size only).
-        num_workers: decoding processes.
-        device: ``cpu`` / ``cuda`` / ``cuda:N``.
-        precision: ``fp32``, ``fp16``, ``bf16`` (autocast for backbone and pooling).
-        feature_dtype: stored feature dtype.
-        max_pixels: decompression-bomb limit.
         verify_images: require each image's bytes to have the digest proposals recorded.
-        trust_pickle: allow pickle weight files.
-        log_format: ``text`` or ``json``.
-        progress: show progress.
-        opts: detectron2 config overrides (``KEY VALUE`` pairs).
-        window: images per batching/commit window (0: ``max(32, 8 * batch_size)``).
     """
 
     proposals: str
-    images: str
-    config: str
-    weights: str
-    out: str
-    image_root: str | None = None
     num_shards: int | None = None
-    shard_index: str | None = None
     backend: str | None = None
-    batch_size: int = 4
-    num_workers: int = 2
-    device: str = "cpu"
-    precision: str = "fp32"
-    feature_dtype: str = "float16"
-    max_pixels: int = DEFAULT_MAX_PIXELS
     verify_images: bool = False
-    trust_pickle: bool = False
-    log_format: str = "text"
-    progress: bool = True
-    opts: tuple[str, ...] = field(default_factory=tuple)
-    window: int = 0
-
-    def window_size(self) -> int:
-        return self.window or max(32, 8 * self.batch_size)
 
 
 @dataclass
