@@ -7,7 +7,6 @@ shard's entry is lost. The keys are documented in docs/FORMAT.md.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -115,13 +114,15 @@ def update_manifest(set_dir: str | os.PathLike, fn: Callable[[dict], dict | None
 
 
 def manifest_digest(set_dir_or_manifest: str | os.PathLike | dict) -> str:
-    """Hex blake2b-128 of the manifest's canonical JSON (sorted keys, no whitespace).
+    """Hex blake2b-128 of the manifest's canonical JSON (``vlkd.common.digest.manifest_digest``)
+    of a set directory or a manifest dict.
 
     It identifies a set's content: the shard entries carry each shard's content digest, so two
     sets with the same manifest digest hold the same arrays. A teacher set records its proposals
     set's digest in ``aligned_to.manifest_digest``.
     """
+    from .digest import manifest_digest as digest_of
+
     manifest = (set_dir_or_manifest if isinstance(set_dir_or_manifest, dict)
                 else read_manifest(set_dir_or_manifest))
-    canonical = json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.blake2b(canonical.encode("utf-8"), digest_size=16).hexdigest()
+    return digest_of(manifest)

@@ -35,7 +35,6 @@ costs more than the read and belongs after batching, on the device.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import os
@@ -48,16 +47,14 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from .digest import (ARRAY_NAMES, DIGEST_SIZE, ShardDigest, box_digest, bytes_digest,
+                     content_digest, decode_ids, encode_ids, file_digest)
 from .locking import FileLock, LockHeldError, describe_holder
 from .manifest import (SCHEMA_VERSION, ManifestError, _fsync_dir, read_manifest,
                        update_manifest)
 
-DIGEST_SIZE = 16
 BACKENDS = {"hdf5": ".h5", "zarr": ".zarr"}
 FEATURE_DTYPES = ("float16", "float32")
-#: Arrays in a shard, in the order they enter the shard content digest.
-ARRAY_NAMES = ("image_ids", "image_hw", "offsets", "boxes", "scores", "classes", "box_digest",
-               "image_digest", "features")
 SHARD_FORMAT = "vlkd-region-shard"
 
 #: zarr layout of ``features``: inner chunks of about 1 MiB (a whole number of rows), 64 inner
@@ -85,79 +82,7 @@ class ShardLockedError(RegionSetError):
         self.holder = holder
 
 
-# --------------------------------------------------------------------------- digests & names
-
-def bytes_digest(data: bytes) -> bytes:
-    """16-byte blake2b of ``data``."""
-    return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
-
-
-def box_digest(boxes: np.ndarray) -> bytes:
-    """16-byte digest of one image's boxes.
-
-    Args:
-        boxes: (n, 4) box coordinates; hashed as C-ordered little-endian float32.
-
-    Returns:
-        ``blake2b(np.ascontiguousarray(boxes, '<f4').tobytes(), digest_size=16)``.
-    """
-    return bytes_digest(np.ascontiguousarray(np.asarray(boxes).reshape(-1, 4), "<f4").tobytes())
-
-
-def file_digest(path: str | os.PathLike, block: int = 1 << 20) -> bytes:
-    """16-byte blake2b of a file's bytes, read in blocks."""
-    h = hashlib.blake2b(digest_size=DIGEST_SIZE)
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.digest()
-
-
-def encode_ids(ids: Sequence[str]) -> bytes:
-    """Image ids as they enter the content digest: per id, uint32 LE byte length + utf-8."""
-    parts = []
-    for image_id in ids:
-        raw = image_id.encode("utf-8")
-        parts.append(len(raw).to_bytes(4, "little"))
-        parts.append(raw)
-    return b"".join(parts)
-
-
-class ShardDigest:
-    """The shard content digest (the manifest's per-shard ``digest``).
-
-    blake2b-128 over, for each array in ``ARRAY_NAMES`` order: the ASCII name, a newline, then
-    the array's contents -- ids as ``encode_ids``, every other array as C-ordered little-endian
-    bytes of its stored dtype. It is independent of the backend and of chunking, so HDF5 and
-    zarr shards with equal arrays have equal digests, and any changed value (a flipped byte in
-    a feature chunk) changes it. Arrays must be fed in order; ``features`` may come in pieces.
-    """
-
-    def __init__(self):
-        self._h = hashlib.blake2b(digest_size=DIGEST_SIZE)
-        self._next = 0
-
-    def begin(self, name: str) -> None:
-        expected = ARRAY_NAMES[self._next] if self._next < len(ARRAY_NAMES) else None
-        if name != expected:
-            raise RuntimeError(f"shard digest: expected array {expected!r}, got {name!r}")
-        self._next += 1
-        self._h.update(name.encode("ascii") + b"\n")
-
-    def feed(self, data: bytes | np.ndarray) -> None:
-        if isinstance(data, np.ndarray):
-            data = np.ascontiguousarray(data, data.dtype.newbyteorder("<")).data
-        self._h.update(data)
-
-    def add(self, name: str, data: bytes | np.ndarray) -> None:
-        self.begin(name)
-        self.feed(data)
-
-    def hexdigest(self) -> str:
-        if self._next != len(ARRAY_NAMES):
-            raise RuntimeError("shard digest: not every array was fed")
-        return self._h.hexdigest()
-
+# --------------------------------------------------------------------------- names
 
 def shard_name(index: int, num_shards: int, backend: str) -> str:
     """``shard-00003-of-00016.h5`` (hdf5) or ``.zarr`` (zarr)."""
@@ -299,7 +224,7 @@ class _Staging:
                 os.truncate(path, size)
         self.num_images, self.num_regions, self.ids_bytes = n, r, ids_bytes
         self.failures = list(record.get("failures", []))
-        self.ids = _decode_ids(self.file("ids").read_bytes(), n)
+        self.ids = decode_ids(self.file("ids").read_bytes(), n)
         counts = np.fromfile(self.file("counts"), dtype="<i8")
         if int(counts.sum()) != r:
             raise RegionSetError(
@@ -373,15 +298,6 @@ class _Staging:
                 start += n
 
 
-def _decode_ids(raw: bytes, n: int) -> list[str]:
-    ids, pos = [], 0
-    for _ in range(n):
-        length = int.from_bytes(raw[pos:pos + 4], "little")
-        ids.append(raw[pos + 4:pos + 4 + length].decode("utf-8"))
-        pos += 4 + length
-    return ids
-
-
 # --------------------------------------------------------------------------- building a shard
 
 def _zarr_feature_layout(feature_dim: int, dtype: np.dtype, num_rows: int) -> tuple[int, int]:
@@ -431,11 +347,13 @@ def _build_shard(staging: _Staging, out: Path, extra: dict) -> dict:
         "box_digest": small["box_digest"],
         "image_digest": small["image_digest"],
     }
-    digest = ShardDigest()
-    digest.add("image_ids", staging.file("ids").read_bytes())
-    for name in ARRAY_NAMES[1:-1]:
-        digest.add(name, arrays[name])
-    digest.begin("features")
+    ids_bytes = staging.file("ids").read_bytes()
+
+    def written(blocks, write):
+        """The feature blocks, each written as it passes on to the digest."""
+        for start, block in blocks:
+            write(start, block)
+            yield block
     rows_per_block = max(1, _BUILD_BLOCK_BYTES // max(1, staging.row_bytes))
     dt = staging.feature_dtype
     d = cfg["feature_dim"]
@@ -453,10 +371,10 @@ def _build_shard(staging: _Staging, out: Path, extra: dict) -> dict:
             # is one contiguous byte range -- the best layout for both read patterns when the
             # data is uncompressed (docs/FORMAT.md, "Chunking").
             ds = f.create_dataset("features", shape=(r, d), dtype=dt)
-            for start, block in staging.feature_blocks(rows_per_block):
-                ds[start:start + block.shape[0]] = block
-                digest.feed(block)
-            attrs = _shard_attrs(cfg, n, r, digest.hexdigest(), staging.failures, extra)
+            blocks = written(staging.feature_blocks(rows_per_block),
+                             lambda start, b: ds.__setitem__(slice(start, start + len(b)), b))
+            digest = content_digest(ids_bytes, arrays, blocks)
+            attrs = _shard_attrs(cfg, n, r, digest, staging.failures, extra)
             f.attrs.update(attrs)
     else:
         import zarr
@@ -480,10 +398,10 @@ def _build_shard(staging: _Staging, out: Path, extra: dict) -> dict:
             config={"write_empty_chunks": True})
         # Write whole zarr shards so each shard file is encoded and written exactly once.
         rows_per_block = max(shard_rows, (rows_per_block // shard_rows) * shard_rows)
-        for start, block in staging.feature_blocks(rows_per_block):
-            feats[start:start + block.shape[0]] = block
-            digest.feed(block)
-        attrs = _shard_attrs(cfg, n, r, digest.hexdigest(), staging.failures, extra)
+        blocks = written(staging.feature_blocks(rows_per_block),
+                         lambda start, b: feats.__setitem__(slice(start, start + len(b)), b))
+        digest = content_digest(ids_bytes, arrays, blocks)
+        attrs = _shard_attrs(cfg, n, r, digest, staging.failures, extra)
         root.attrs.update(attrs)
     _fsync_tree(out)
     return attrs

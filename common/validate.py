@@ -9,23 +9,23 @@ Checks (docs/FORMAT.md is the contract checked against):
   compared with the manifest's and the shard's own (a flipped byte anywhere in the arrays
   shows up here);
 - leftovers: partial shards and lock files of writers that did not finish;
-- ``against``: a teacher set is aligned with its proposals set (same shards, ids, boxes).
+- ``against``: a teacher set is aligned with its proposals set
+  (:func:`vlkd.common.alignment.check_aligned`).
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .manifest import SCHEMA_VERSION, manifest_digest, read_manifest
-from .regionset import release_maps
-from .regionset import (ARRAY_NAMES, DIGEST_SIZE, FEATURE_DTYPES, SHARD_FORMAT, RegionSetError,
-                        ShardDigest, ShardReader, box_digest, encode_ids, shard_name)
+from .alignment import check_aligned
+from .digest import ARRAY_NAMES, DIGEST_SIZE, box_digest, reader_content_digest
+from .findings import MAX_PER_KIND, Finding
+from .manifest import SCHEMA_VERSION, read_manifest
+from .regionset import (FEATURE_DTYPES, SHARD_FORMAT, RegionSetError, ShardReader, release_maps,
+                        shard_name)
 
-#: Findings of one kind reported per shard before summarising the rest.
-MAX_PER_KIND = 5
 _FEATURE_BLOCK_BYTES = 64 << 20
 
 #: Expected dtype kind/size per array (image_ids is checked separately: a string type).
@@ -34,25 +34,6 @@ _EXPECTED = {
     "scores": ("float32", 1), "classes": ("int32", 1), "box_digest": ("uint8", 2),
     "image_digest": ("uint8", 2), "features": (None, 2),
 }
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One problem found by validation.
-
-    Attributes:
-        level: ``"error"`` (the set is wrong or unreadable) or ``"warning"`` (suspicious or
-            incomplete, but what is there is consistent).
-        where: ``manifest.json``, a shard name, or ``shard[image 12 'id']``.
-        message: what was expected, what was found, what to do.
-    """
-
-    level: str
-    where: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.level}: {self.where}: {self.message}"
 
 
 class _Report:
@@ -219,25 +200,20 @@ def _check_regions(rep: _Report, where: str, shard: ShardReader) -> None:
 def _check_features(rep: _Report, where: str, shard: ShardReader, entry: dict) -> None:
     """Stream features: NaN/Inf per image, and the content digest."""
     o, ids = shard.offsets, shard.image_ids
-    digest = ShardDigest()
-    digest.add("image_ids", encode_ids(ids))
-    for name in ARRAY_NAMES[1:-1]:
-        arr = {"image_hw": shard.image_hw, "offsets": shard.offsets, "boxes": shard.boxes,
-               "scores": shard.scores, "classes": shard.classes,
-               "box_digest": shard.box_digests, "image_digest": shard.image_digests}[name]
-        digest.add(name, np.ascontiguousarray(arr))
-    digest.begin("features")
     r = shard.num_regions
     row_bytes = shard.feature_dim * shard.feature_dtype.itemsize
     step = max(1, _FEATURE_BLOCK_BYTES // max(1, row_bytes))
-    bad_rows = []
-    try:
+    bad_rows: list[int] = []
+
+    def checked_blocks():
         for r0 in range(0, r, step):
             block = shard.features_rows(r0, min(r, r0 + step))
-            digest.feed(block)
             finite = np.isfinite(block).all(axis=1)
             if not finite.all():
                 bad_rows.extend((r0 + np.nonzero(~finite)[0]).tolist())
+            yield block
+    try:
+        got = reader_content_digest(shard, checked_blocks())
     except RegionSetError as e:
         rep.error(where, f"features cannot be read: {e}")
         return
@@ -253,7 +229,6 @@ def _check_features(rep: _Report, where: str, shard: ShardReader, entry: dict) -
         rep.capped("error", where, [(f"[image {i} {ids[i]!r}]", f"{c} feature row(s) contain "
                                      "NaN or Inf") for i, c in per_image.items()],
                    "images with NaN/Inf features")
-    got = digest.hexdigest()
     want = entry.get("digest")
     if want is not None and want != got:
         rep.error(where, f"content digest {got} differs from the manifest's {want}: the shard's "
@@ -263,52 +238,6 @@ def _check_features(rep: _Report, where: str, shard: ShardReader, entry: dict) -
     if attr is not None and attr != got and attr != want:
         rep.error(where, f"content digest {got} differs from the shard's own digest attribute "
                   f"{attr}")
-
-
-def _check_alignment(rep: _Report, path: Path, manifest: dict, against: str,
-                     shards: dict[int, ShardReader]) -> None:
-    where = "alignment"
-    try:
-        other_manifest = read_manifest(against)
-    except Exception as e:
-        rep.error(where, f"cannot read the reference set {against}: {e}")
-        return
-    aligned = manifest.get("aligned_to") or {}
-    ref_digest = manifest_digest(other_manifest)
-    if aligned.get("manifest_digest") not in (None, ref_digest):
-        rep.warning(where, f"aligned_to.manifest_digest is {aligned.get('manifest_digest')} but "
-                    f"{against} now has {ref_digest}: the proposals set changed after these "
-                    "features were made")
-    if other_manifest.get("num_shards") != manifest.get("num_shards"):
-        rep.error(where, f"{against} has {other_manifest.get('num_shards')} shards, this set "
-                  f"{manifest.get('num_shards')}; shard i must align with shard i")
-        return
-    other_entries = {e["index"]: e for e in other_manifest.get("shards", [])}
-    for idx, shard in sorted(shards.items()):
-        sw = shard.path.name
-        if idx not in other_entries:
-            rep.error(f"{sw}", f"the reference set {against} has no shard {idx}")
-            continue
-        ref = ShardReader(Path(against) / other_entries[idx]["name"], index=idx)
-        try:
-            ref_ids, ref_digests = ref.image_ids, ref.box_digests
-        except Exception as e:
-            rep.error(sw, f"cannot open the reference shard {ref.path}: {e}")
-            continue
-        ids = shard.image_ids
-        if list(ids) != list(ref_ids):
-            missing = sorted(set(ref_ids) - set(ids))
-            extra = sorted(set(ids) - set(ref_ids))
-            rep.error(sw, f"image ids differ from {ref.path.name} of {against}: "
-                      f"{len(missing)} missing (e.g. {missing[:3]}), {len(extra)} extra (e.g. "
-                      f"{extra[:3]})" + ("" if missing or extra else ", or in another order"))
-            continue
-        diff = np.nonzero((shard.box_digests != ref_digests).any(axis=1))[0]
-        rep.capped("error", sw, [(f"[image {int(i)} {ids[int(i)]!r}]",
-                                  f"box digest {shard.box_digests[i].tobytes().hex()} differs "
-                                  f"from the proposals' {ref_digests[i].tobytes().hex()}: the "
-                                  "features were not pooled over the proposals' boxes")
-                                 for i in diff], "misaligned images")
 
 
 def validate_region_set(path: str | os.PathLike, *, against: str | None = None,
@@ -428,5 +357,5 @@ def validate_region_set(path: str | os.PathLike, *, against: str | None = None,
             _check_features(rep, sw, shard, e)
         shards[idx] = shard
     if against is not None:
-        _check_alignment(rep, path, manifest, against, shards)
+        rep.findings.extend(check_aligned(path, against, only_shards=shards))
     return rep.findings

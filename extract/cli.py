@@ -216,7 +216,7 @@ def teacher_features_cmd(proposals, images, image_root, config, weights, out, nu
     quiet_library_warnings()
     from vlkd.common.regionset import RegionSetError
     from vlkd.data.images import DEFAULT_MAX_PIXELS, ImageSourceError
-    from vlkd.extract.alignment import AlignmentError
+    from vlkd.common.alignment import AlignmentError
     from vlkd.extract.detector import DetectorError
     from vlkd.extract.teacher import TeacherConfig, TeacherImageError, run_teacher_features
 

@@ -7,8 +7,8 @@
   PNG. Given a teacher set and its proposals (they share the boxes), the student's tags and
   the teacher's are drawn side by side, box ``j`` in the same colour in both panels, which
   shows at a glance what Visual Token Alignment gives the two models.
-- :func:`validate_report`: the findings of ``vlkd.common.validate`` plus the teacher-side
-  alignment checks (``vlkd.extract.alignment``) as a table, and the exit status.
+- :func:`validate_report`: the findings of ``vlkd.common.validate`` (the alignment of a
+  teacher set included: ``vlkd.common.alignment``) as a table, and the exit status.
 """
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from vlkd.common.alignment import TEACHER_ROLE
 from vlkd.common.manifest import ManifestError, read_manifest
 from vlkd.common.regionset import RegionSet, RegionSetError
 from vlkd.common.validate import Finding, validate_region_set
 from vlkd.data.images import ImageDecodeError, ImageSourceError, open_image_source, read_image
 
-from .alignment import TEACHER_ROLE, teacher_alignment_findings
 
 #: Distinct colours for boxes (box j gets colour j mod len): Tableau 10.
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
@@ -334,10 +334,10 @@ def validate_report(set_dir: str | os.PathLike, *, against: str | None = None,
         else:
             notes.append(f"alignment not checked: its proposals set {p!r} is not here (pass "
                          "--against)")
-    findings = validate_region_set(set_dir, against=against, check_features=check_features)
-    if against is not None and m.get("role") == TEACHER_ROLE:
-        findings += teacher_alignment_findings(set_dir, against)
-    elif against is not None and m:
+    teacher = m.get("role") == TEACHER_ROLE
+    findings = validate_region_set(set_dir, against=against if teacher else None,
+                                   check_features=check_features)
+    if against is not None and m and not teacher:
         findings.append(Finding("error", "alignment", f"{set_dir} is a {m.get('role')!r} set; "
                                 "--against checks a teacher-features set against its "
                                 "proposals"))

@@ -32,13 +32,15 @@ import numpy as np
 import torch
 
 from vlkd import __version__
-from vlkd.common.manifest import manifest_digest, update_manifest
-from vlkd.common.regionset import ShardReader, ShardWriter, box_digest
+from vlkd.common.alignment import (SOURCE_SHARD_ATTR, TEACHER_ROLE, AlignmentError,
+                                   aligned_to_record, compare_shards)
+from vlkd.common.digest import box_digest
+from vlkd.common.manifest import update_manifest
+from vlkd.common.regionset import ShardReader, ShardWriter
 from vlkd.common.sharding import resolve_shard_indices
 from vlkd.data.images import ImageRecord, open_image_source
 
-from .alignment import (SOURCE_SHARD_ATTR, TEACHER_ROLE, AlignmentError, ProposalsShard,
-                        proposals_identity, read_proposals_manifest, require_complete,
+from .alignment import (ProposalsShard, read_proposals_manifest, require_complete,
                         verify_proposals_shard)
 from .detector import Detector
 from .jobs import (BackgroundWriter, JobOptions, DecodeDataset, DecodedItem, Progress, check_set_header,
@@ -104,9 +106,7 @@ def _header(det: Detector, cfg: TeacherConfig, pdir: Path, pm: dict, source_info
         "num_shards": int(pm["num_shards"]),
         "image_source": source_info,
         "tool_version": __version__,
-        "aligned_to": {"path": str(pdir.resolve()), "manifest_digest": manifest_digest(pm),
-                       "role": pm["role"], "identity": proposals_identity(pm),
-                       "detector": pm.get("detector", {}).get("name")},
+        "aligned_to": aligned_to_record(pdir, pm),
         "options": {"precision": cfg.precision,
                     "features": f"teacher ({det.kind}: "
                                 + ("res5 + mean pool" if det.kind == "C4"
@@ -305,14 +305,12 @@ def _check_finished(out: Path, info: dict, shard: ProposalsShard) -> None:
     """The written shard holds the proposals' images in order with the proposals' box
     digests (the alignment contract, verified on what is on disk)."""
     t = ShardReader(out / info["name"], index=shard.index)
-    p = shard.reader
-    if list(t.image_ids) != list(p.image_ids) or not np.array_equal(t.box_digests,
-                                                                     p.box_digests):
+    for f in compare_shards(t, shard.reader, index=shard.index, where=info["name"],
+                            proposals_dir=str(shard.reader.path.parent)):
         raise AlignmentError(
             f"teacher shard {info['name']} is not aligned with proposals shard "
-            f"{shard.entry['name']} (ids or box digests differ) although it was written from "
-            "it: another process wrote into --out at the same time? Delete the shard and "
-            "re-run this shard")
+            f"{shard.entry['name']} although it was written from it ({f.message}): another "
+            "process wrote into --out at the same time? Delete the shard and re-run this shard")
 
 
 def run_shard(det: Detector, shard: ProposalsShard, records: dict[str, ImageRecord],

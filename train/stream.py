@@ -42,17 +42,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vlkd.common.manifest import manifest_digest
+from vlkd.common.alignment import TEACHER_ROLE, AlignmentError, require_aligned
 from vlkd.common.regionset import ImageRegions, RegionSet, ShardReader
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Record", "Sample", "AlignmentError", "check_alignment", "resolve_tag_set",
            "RegionStream", "make_loader", "pad_regions", "worker_skips", "split_range"]
-
-
-class AlignmentError(ValueError):
-    """Two region sets that must be position-aligned are not."""
 
 
 @dataclass(frozen=True)
@@ -108,71 +104,18 @@ class Sample:
 # Alignment
 # --------------------------------------------------------------------------------------------
 
-def _hex(b: bytes) -> str:
-    return b.hex()[:12] + "…"
-
-
 def check_alignment(base: RegionSet, other: RegionSet, *, base_name: str = "student regions",
                     other_name: str = "teacher regions") -> None:
     """Refuses ``other`` unless it holds exactly ``base``'s images and boxes, in order.
 
-    ``other`` must be a teacher-features set whose manifest records ``aligned_to`` with
-    ``base``'s manifest digest; every shard must list the same image ids and box digests.
+    ``other`` must be a teacher-features set that records ``base`` in ``aligned_to``; both
+    must be complete, and every shard must list the same image ids and box digests
+    (:func:`vlkd.common.alignment.require_aligned`, the one implementation of the rule).
 
     Raises:
         AlignmentError: saying what differs and what to do.
     """
-    m = other.manifest
-    if m.get("role") == "proposals":
-        raise AlignmentError(
-            f"{other_name} {other.path} is a proposals set (role 'proposals'), not teacher "
-            f"features pooled over {base_name} {base.path}; make them with `vlkd-extract "
-            f"teacher-features --proposals {base.path}` and pass that set")
-    at = m.get("aligned_to") or {}
-    want = manifest_digest(base.path)
-    if not at.get("manifest_digest"):
-        raise AlignmentError(
-            f"{other_name} {other.path} records no 'aligned_to' proposals set in its manifest, so "
-            f"its boxes cannot be trusted to be {base_name}'s; re-run `vlkd-extract "
-            f"teacher-features --proposals {base.path}`")
-    if at["manifest_digest"] != want:
-        raise AlignmentError(
-            f"{other_name} {other.path} was pooled over the proposals set {at.get('path')!r} "
-            f"(manifest digest {at['manifest_digest']}), but {base_name} is {base.path} (digest "
-            f"{want}): the boxes differ. Pass the proposals set the teacher features were made "
-            f"from, or re-run `vlkd-extract teacher-features --proposals {base.path}`")
-    for name, s in ((base_name, base), (other_name, other)):
-        if s.missing_shards:
-            raise AlignmentError(
-                f"{name} {s.path} is incomplete: shards {s.missing_shards} of {s.num_shards} are "
-                f"missing; finish the extraction (re-run the array jobs of those shard indices)")
-    if base.num_shards != other.num_shards or len(base.shards) != len(other.shards):
-        raise AlignmentError(
-            f"{base_name} {base.path} has {base.num_shards} shards, {other_name} {other.path} has "
-            f"{other.num_shards}; a teacher set mirrors its proposals set shard by shard -- "
-            f"re-run teacher-features over {base.path}")
-    for sb, so in zip(base.shards, other.shards):
-        # Fresh readers: their small arrays are dropped after the check (memory stays flat).
-        rb, ro = ShardReader(sb.path, sb.index), ShardReader(so.path, so.index)
-        ids_b, ids_o = rb.image_ids, ro.image_ids
-        if list(ids_b) != list(ids_o):
-            n = min(len(ids_b), len(ids_o))
-            k = next((i for i in range(n) if ids_b[i] != ids_o[i]), n)
-            what = (f"image {k} is {ids_b[k]!r} vs {ids_o[k]!r}" if k < n else
-                    f"{len(ids_b)} vs {len(ids_o)} images")
-            raise AlignmentError(
-                f"shard {sb.index}: {base_name} and {other_name} list different images ({what}); "
-                f"the sets are not aligned -- re-run teacher-features over {base.path}")
-        db = np.asarray(rb.box_digests).reshape(len(ids_b), -1)
-        do = np.asarray(ro.box_digests).reshape(len(ids_o), -1)
-        bad = np.nonzero((db != do).any(axis=1))[0]
-        if bad.size:
-            k = int(bad[0])
-            raise AlignmentError(
-                f"shard {sb.index}: boxes of {bad.size} images differ between {base_name} and "
-                f"{other_name} (image {ids_b[k]!r} digest {_hex(db[k].tobytes())} ≠ "
-                f"{_hex(do[k].tobytes())}); teacher features must be pooled over exactly the "
-                f"student's boxes -- re-run `vlkd-extract teacher-features --proposals {base.path}`")
+    require_aligned(other.path, base.path, names=(other_name, base_name))
 
 
 def resolve_tag_set(regions: RegionSet, tag_regions: str | os.PathLike | None = None) -> RegionSet:
@@ -192,7 +135,7 @@ def resolve_tag_set(regions: RegionSet, tag_regions: str | os.PathLike | None = 
             return regions
         check_alignment(tags, regions, base_name="tag regions", other_name="regions")
         return tags
-    if regions.manifest.get("role") != "teacher-features":
+    if regions.manifest.get("role") != TEACHER_ROLE:
         return regions
     at = regions.manifest.get("aligned_to") or {}
     path = at.get("path")
