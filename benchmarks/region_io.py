@@ -319,7 +319,7 @@ def layout_study(args) -> None:
     """
     import h5py
     import zarr
-    import vlkd.common.regionset as rsmod
+    import vlkd.common.fast_rows as rsmod
 
     out = Path(args.out)
     if out.exists():
@@ -366,7 +366,7 @@ def layout_study(args) -> None:
         if chunks is None:
             with h5py.File(path, "r") as f:
                 offset = f["features"].id.get_offset()
-            rows = rsmod._ContiguousRows(str(path), offset, np.dtype(np.float16), args.dim)
+            rows = rsmod.ContiguousRows(str(path), offset, np.dtype(np.float16), args.dim)
             vl_reads = by_id(lambda i: rows.read(int(o[i]), int(o[i + 1])))
             vl_stream = stream(rows.read)
         fmt = lambda v: "-" if np.isnan(v) else f"{v:.0f}"
@@ -384,8 +384,8 @@ def layout_study(args) -> None:
         za = zarr.open_group(str(path), mode="r")["features"]
         plain = by_id(lambda i: za[o[i]:o[i + 1]])
         plain_s = stream(lambda a_, b_: za[a_:b_])
-        meta = rsmod._zarr_fast_meta(path / "features", args.dim)
-        rows = rsmod._ZarrShardedRows(path / "features", meta, np.dtype(np.float16), args.dim, 0)
+        meta = rsmod.zarr_fast_meta(path / "features", args.dim)
+        rows = rsmod.ZarrShardedRows(path / "features", meta, np.dtype(np.float16), args.dim, 0)
         vl_reads = by_id(lambda i: rows.read(int(o[i]), int(o[i + 1])))
         vl_stream = stream(rows.read)
         print(f"| zarr sharded | inner {inner_rows} rows ({inner_rows * row_bytes >> 10} KiB), "

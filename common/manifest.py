@@ -52,7 +52,7 @@ def read_manifest(set_dir: str | os.PathLike) -> dict:
     return manifest
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -83,7 +83,7 @@ def write_manifest(set_dir: str | os.PathLike, manifest: dict) -> None:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(set_dir)
+    fsync_dir(set_dir)
 
 
 def update_manifest(set_dir: str | os.PathLike, fn: Callable[[dict], dict | None]) -> dict:

@@ -201,7 +201,7 @@ def test_shard_name():
 def test_fast_path_equals_library_reads(tmp_path, backend):
     """The pread fast path returns exactly what h5py / zarr-python return, for any row range,
     across zarr inner-chunk and shard-file boundaries."""
-    import vlkd.common.regionset as rsmod
+    import vlkd.common.staging as rsmod  # where the zarr layout is chosen
     dim = 8
     images = make_images(1, [5] * 300, dim)  # 1500 rows
     old = (rsmod.ZARR_INNER_CHUNK_BYTES, rsmod.ZARR_INNER_CHUNKS_PER_SHARD)
@@ -212,7 +212,7 @@ def test_fast_path_equals_library_reads(tmp_path, backend):
     finally:
         rsmod.ZARR_INNER_CHUNK_BYTES, rsmod.ZARR_INNER_CHUNKS_PER_SHARD = old
     reader = ShardReader(tmp_path / shard_name(0, 1, backend))
-    assert type(reader.data.rows).__name__ in ("_ContiguousRows", "_ZarrShardedRows")
+    assert type(reader.data.rows).__name__ in ("ContiguousRows", "ZarrShardedRows")
     if backend == "zarr":
         assert len(list((tmp_path / shard_name(0, 1, backend) / "features" / "c").iterdir())) == 54
     full = plain_read(reader.path)["features"]
@@ -253,7 +253,7 @@ def test_rechunked_compressed_copy_is_read_through_the_library(tmp_path, backend
             else:
                 g.create_array(k, shape=v.shape, dtype=v.dtype, chunks=(2,) + v.shape[1:])[...] = v
     reader = ShardReader(dst)
-    assert type(reader.data.rows).__name__ == "_LibraryRows"
+    assert type(reader.data.rows).__name__ == "LibraryRows"
     for got, im in zip(reader, images):
         assert_image_equal(got, im, "float16")
 
