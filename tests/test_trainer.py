@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from train_data import (cli_args, invoke, losses, make_world, metrics, scenes, train_teacher,
                         write_captions, write_sets)
-from vlkd.train.trainer import (_optimizer_from_files, _optimizer_to_files, build_optimizer,
-                                linear_schedule)
+from vlkd.train.checkpoint import optimizer_from_files, optimizer_to_files
+from vlkd.train.trainer import build_optimizer, linear_schedule
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +58,10 @@ def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path):
     for _ in range(3):
         net(torch.randn(5, 4)).square().sum().backward()
         opt.step()
-    tensors, meta = _optimizer_to_files(opt)
+    tensors, meta = optimizer_to_files(opt)
     save_file(tensors, str(tmp_path / "o.safetensors"))
     (tmp_path / "o.json").write_text(json.dumps(meta))
-    restored = _optimizer_from_files(load_file(str(tmp_path / "o.safetensors")),
+    restored = optimizer_from_files(load_file(str(tmp_path / "o.safetensors")),
                                      json.loads((tmp_path / "o.json").read_text()))
     ref = opt.state_dict()
     assert restored["param_groups"] == [dict(g, betas=tuple(g["betas"])) for g in ref["param_groups"]]

@@ -118,8 +118,8 @@ def _train(command: str, cfg, resume: str | None) -> None:
     from .config import ConfigError, save_config
     from .evaluation import make_eval_fn
     from .tasks import make_task
-    from .trainer import Trainer, TrainModule, amp_dtype, seed_everything, setup_distributed, \
-        teardown_distributed
+    from .distributed import amp_dtype, seed_everything, setup_distributed, teardown_distributed
+    from .trainer import Trainer, TrainModule
 
     env = setup_distributed(cfg.train.device)
     _setup_logging(env.rank)
@@ -277,7 +277,8 @@ def distill(config_path, overrides, resume, **options):
 
 def _run_guarded(command: str, cfg, resume) -> None:
     from .stream import AlignmentError
-    from .trainer import NonFiniteLossError, ResumeError
+    from .checkpoint import ResumeError
+    from .trainer import NonFiniteLossError
 
     try:
         _train(command, cfg, resume)
@@ -325,7 +326,7 @@ def _evaluate(model_dir, regions, task, greedy, output_dir, config_path, overrid
     from . import build
     from .evaluation import predict_captions, predict_vqa, score_predictions, write_predictions
     from .tasks import make_task
-    from .trainer import amp_dtype, setup_distributed, teardown_distributed
+    from .distributed import amp_dtype, setup_distributed, teardown_distributed
 
     meta = build.read_meta(model_dir)
     task = task or meta.get("task")

@@ -21,7 +21,7 @@ from .decode import generate_captions
 from .metrics import caption_scores, vqa_accuracy
 from .stream import RegionStream, make_loader
 from .tasks import model_inputs, to_device
-from .trainer import DistEnv
+from .distributed import DistEnv
 
 __all__ = ["predict_captions", "predict_vqa", "gather_dict", "score_predictions",
            "write_predictions", "make_eval_fn"]

@@ -1,19 +1,19 @@
-"""The training loop: small, extended through hooks (detectron2's ``HookBase`` pattern).
+"""The training loop: small, extended through hooks (:mod:`vlkd.train.hooks`).
 
 One optimizer step = ``grad_accum`` micro-batches. Each micro-batch: (frozen teacher forward,
 no grad) → :class:`TrainModule` forward (student + loss combiner) → backward. Then: NaN/Inf check
-on every rank, unscale/clip, AdamW step, linear warm-up/decay step, hooks (metrics, checkpoint,
-evaluation, progress).
+on every rank, unscale/clip, AdamW step, linear warm-up/decay step, hooks (metrics, evaluation,
+checkpoint, progress).
 
-Determinism and exact resume: a checkpoint (``checkpoints/step-XXXXXXXX/``, pickle-free) holds
-the model (``save_pretrained``), the loss module's state (projections, the KD queue), AdamW's
-state, the scheduler and AMP scaler state, every rank's RNG states and the data position
-(epoch, batches consumed). The stream derives its order from (seed, epoch) and skips to the
-position without reading features; its DataLoader has its own generator so worker seeding does
-not draw on the global RNG. A resumed run then reproduces the uninterrupted run's losses.
+Determinism and exact resume: a checkpoint (:mod:`vlkd.train.checkpoint`) holds the model, the
+loss module's state (projections, the KD queue), AdamW's state, the scheduler and AMP scaler
+state, every rank's RNG states and the data position (epoch, batches consumed). The stream
+derives its order from (seed, epoch) and skips to the position without reading features; its
+DataLoader has its own generator so worker seeding does not draw on the global RNG. A resumed
+run then reproduces the uninterrupted run's losses.
 
-DDP (``torchrun``): nccl on GPUs, gloo on CPU. The epoch's samples are split between ranks to
-within one sample; when a rank has one batch fewer than another (the last, partial batch), it
+DDP (``torchrun``, :mod:`vlkd.train.distributed`): the epoch's samples are split between ranks
+to within one sample; when a rank has one batch fewer than another (the last, partial batch), it
 repeats its previous batch with the loss scaled by 0 so that gradient all-reduces and the KD
 queue's gather stay matched, and the real ranks' losses are scaled by world / #real so that the
 averaged gradient is the mean over real batches.
@@ -25,116 +25,32 @@ import json
 import logging
 import math
 import os
-import random
-import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import RunConfig, config_to_dict
+from vlkd.common.config import to_dict
+
+from .checkpoint import (ResumeError, find_checkpoint, load_checkpoint, read_state, restore_rng,
+                         write_best, write_checkpoint)
+from .config import RunConfig
+from .distributed import DistEnv, amp_dtype, barrier
+from .hooks import CheckpointHook, EvalHook, Hook, MetricsHook, ProgressHook
 from .stream import RegionStream, make_loader
 from .tasks import model_inputs, to_device
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Trainer", "TrainModule", "Hook", "DistEnv", "setup_distributed",
-           "teardown_distributed", "NonFiniteLossError", "ResumeError", "build_optimizer",
-           "linear_schedule", "find_checkpoint", "seed_everything", "amp_dtype"]
-
-CHECKPOINT_DIR = "checkpoints"
-STATE_NAME = "trainer_state.json"
+__all__ = ["Trainer", "TrainModule", "NonFiniteLossError", "build_optimizer", "linear_schedule"]
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or Inf; the run stopped before the optimizer step."""
-
-
-class ResumeError(RuntimeError):
-    """A checkpoint cannot continue this run (missing, or different data layout)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Distributed setup
-# --------------------------------------------------------------------------------------------
-
-@dataclass
-class DistEnv:
-    """Where this process runs."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-    owns_group: bool = False
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str = "auto") -> DistEnv:
-    """Initialises torch.distributed under ``torchrun`` (env://): nccl with CUDA, else gloo.
-
-    Args:
-        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but CUDA is not available; use train.device=cpu")
-    dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(dev)
-    owns = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://")
-        owns = True
-    if dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-    return DistEnv(rank, world, local, dev, owns)
-
-
-def teardown_distributed(env: DistEnv) -> None:
-    if env.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _barrier(env: DistEnv) -> None:
-    if env.distributed:
-        dist.barrier()
-
-
-def seed_everything(seed: int) -> None:
-    """Seeds Python, NumPy and torch (CPU and CUDA)."""
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``train.amp`` on ``device`` (None: full precision)."""
-    if device.type != "cuda" or amp == "none":
-        if amp in ("bf16", "fp16") and device.type != "cuda":
-            log.warning("train.amp=%s ignored on %s: AMP runs on CUDA only", amp, device)
-        return None
-    if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if amp not in ("bf16", "fp16"):
-        raise ValueError(f"train.amp must be auto, bf16, fp16 or none, got {amp!r}")
-    return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,197 +108,6 @@ class TrainModule(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Hooks
-# --------------------------------------------------------------------------------------------
-
-class Hook:
-    """Extension point of :class:`Trainer`; override what you need."""
-
-    def before_train(self, trainer: "Trainer") -> None: ...
-
-    def after_step(self, trainer: "Trainer") -> None: ...
-
-    def after_train(self, trainer: "Trainer") -> None: ...
-
-
-class MetricsHook(Hook):
-    """Every ``log_every`` steps: mean loss and terms over the interval (all ranks), lr,
-    throughput → ``metrics.jsonl`` and TensorBoard (rank 0)."""
-
-    def __init__(self, every: int, tensorboard: bool):
-        self.every, self.tensorboard = max(1, every), tensorboard
-        self.writer = None
-
-    def before_train(self, trainer):
-        if trainer.env.is_main and self.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(str(trainer.run_dir / "tb"), purge_step=trainer.step + 1)
-            except ImportError:  # tensorboard is an install requirement; degrade, don't die
-                log.warning("tensorboard is not installed: no TensorBoard events")
-        self._t0, self._s0 = time.perf_counter(), trainer.step
-
-    def after_step(self, trainer):
-        if trainer.step % self.every and trainer.step != trainer.total_steps:
-            return
-        rec = trainer.pop_interval_metrics()
-        now = time.perf_counter()
-        rec["steps_per_s"] = (trainer.step - self._s0) / max(now - self._t0, 1e-9)
-        self._t0, self._s0 = now, trainer.step
-        trainer.write_metrics(rec)
-
-    def after_train(self, trainer):
-        if self.writer is not None:
-            self.writer.close()
-
-
-class CheckpointHook(Hook):
-    """A checkpoint every ``every`` steps and at the end; keeps the ``keep`` most recent."""
-
-    def __init__(self, every: int, keep: int):
-        self.every, self.keep = every, max(1, keep)
-
-    def after_step(self, trainer):
-        if self.every and trainer.step % self.every == 0 and trainer.step != trainer.total_steps:
-            trainer.save_checkpoint(keep=self.keep)
-
-    def after_train(self, trainer):
-        if trainer.finished:
-            trainer.save_checkpoint(keep=self.keep)
-
-
-class EvalHook(Hook):
-    """Evaluates every ``every`` steps and at the end; keeps the best model in ``best/``.
-
-    Args:
-        evaluate: ``model -> {metric: value}`` (runs on every rank, returns the same dict).
-        metric: The key compared (higher is better).
-        every: Steps between evaluations (0: only at the end).
-    """
-
-    def __init__(self, evaluate: Callable[[nn.Module], dict], metric: str, every: int):
-        self.evaluate, self.metric, self.every = evaluate, metric, every
-
-    def _run(self, trainer):
-        model = trainer.model
-        model.eval()
-        try:
-            scores = self.evaluate(model)
-        finally:
-            model.train()
-        trainer.write_metrics({f"eval/{k}": v for k, v in scores.items()
-                               if isinstance(v, (int, float))})
-        value = scores.get(self.metric)
-        if value is None:
-            raise KeyError(f"evaluation returned no {self.metric!r} (got {sorted(scores)}); set "
-                           "eval.metric to one of them")
-        if trainer.best is None or value > trainer.best["value"]:
-            trainer.best = {"metric": self.metric, "value": float(value), "step": trainer.step}
-            trainer.save_best()
-
-    def after_step(self, trainer):
-        if self.every and trainer.step % self.every == 0 and trainer.step != trainer.total_steps:
-            self._run(trainer)
-
-    def after_train(self, trainer):
-        if trainer.finished:
-            self._run(trainer)
-
-
-class ProgressHook(Hook):
-    """A tqdm bar on rank 0 showing the step and the last loss."""
-
-    def before_train(self, trainer):
-        self.bar = None
-        if trainer.env.is_main:
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=trainer.total_steps, initial=trainer.step, unit="step",
-                            dynamic_ncols=True, desc=trainer.name)
-
-    def after_step(self, trainer):
-        if self.bar is not None:
-            self.bar.update(trainer.step - self.bar.n)
-            if trainer.last_loss is not None:
-                self.bar.set_postfix(loss=f"{trainer.last_loss:.4f}", epoch=trainer.epoch)
-
-    def after_train(self, trainer):
-        if self.bar is not None:
-            self.bar.close()
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoint files (pickle-free)
-# --------------------------------------------------------------------------------------------
-
-def _optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
-    tensors, state_meta = {}, {}
-    for pid, st in sd["state"].items():
-        meta = {}
-        for k, v in st.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                meta[k] = v
-        state_meta[str(pid)] = meta
-    return tensors, {"param_groups": sd["param_groups"], "state_meta": state_meta,
-                     "state_keys": {str(pid): sorted(st) for pid, st in sd["state"].items()}}
-
-
-def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state = {}
-    for pid, keys in meta["state_keys"].items():
-        st = dict(meta["state_meta"].get(pid, {}))
-        for k in keys:
-            if f"{pid}.{k}" in tensors:
-                st[k] = tensors[f"{pid}.{k}"]
-        state[int(pid)] = st
-    groups = meta["param_groups"]
-    for g in groups:
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-    return {"state": state, "param_groups": groups}
-
-
-def _rng_to_files(device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        tensors["torch_cuda"] = torch.cuda.get_rng_state(device)
-    np_state = np.random.get_state()
-    tensors["numpy_keys"] = torch.from_numpy(np_state[1].astype(np.int64))
-    py = random.getstate()
-    meta = {"numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
-            "python": [py[0], list(py[1]), py[2]]}
-    return tensors, meta
-
-
-def _rng_from_files(tensors: dict[str, torch.Tensor], meta: dict, device: torch.device) -> None:
-    torch.set_rng_state(tensors["torch_cpu"])
-    if device.type == "cuda" and "torch_cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["torch_cuda"], device)
-    name, pos, has_gauss, cached = meta["numpy"]
-    np.random.set_state((name, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss,
-                         cached))
-    v, state, gauss = meta["python"]
-    random.setstate((v, tuple(state), gauss))
-
-
-def find_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory: ``path`` itself, or the latest one of a run directory."""
-    path = Path(path)
-    if (path / STATE_NAME).is_file():
-        return path
-    root = path / CHECKPOINT_DIR
-    steps = sorted(root.glob("step-*")) if root.is_dir() else []
-    steps = [s for s in steps if (s / STATE_NAME).is_file()]
-    if not steps:
-        raise ResumeError(f"no checkpoint to resume from in {path}: expected a checkpoint "
-                          f"directory (with {STATE_NAME}) or a run directory with "
-                          f"{CHECKPOINT_DIR}/step-*; start without --resume")
-    return steps[-1]
-
-
-# --------------------------------------------------------------------------------------------
 # Trainer
 # --------------------------------------------------------------------------------------------
 
@@ -394,7 +119,7 @@ class Trainer:
         module: The trainable :class:`TrainModule`.
         stream: The training stream (its DataLoader is made here).
         run_dir: Output directory.
-        env: Process placement (:func:`setup_distributed`).
+        env: Process placement (:func:`~vlkd.train.distributed.setup_distributed`).
         save_model: ``directory -> None`` writing a complete model directory (weights,
             tokenizer, answers, metadata) of the trained model.
         teacher: A frozen teacher model for distillation, or None.
@@ -443,7 +168,7 @@ class Trainer:
             self.ddp = DDP(module, device_ids=[env.device.index] if env.device.type == "cuda" else None,
                            find_unused_parameters=True, broadcast_buffers=False)
         self.loader = make_loader(stream, pin_memory=env.device.type == "cuda")
-        self.step, self.epoch, self.batch_in_epoch, self.micro = 0, 0, 0, 0
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.best: dict | None = None
         self.finished = False
         self.last_loss: float | None = None
@@ -544,7 +269,6 @@ class Trainer:
                             bad_terms = {k: float(v) for k, v in terms.items()}
                         self._accumulate(total, terms, len(batch["keys"]))
                         step_keys.extend(batch["keys"])
-                    self.micro += 1
                 if not self._all_finite(torch.tensor(0.0 if finite else float("nan"))):
                     self._stop_non_finite(bad_terms)
                 if self.cfg.optim.max_grad_norm > 0:
@@ -628,103 +352,50 @@ class Trainer:
                     writer.add_scalar(k, v, self.step)
 
     # ---- checkpoints
-    def save_checkpoint(self, keep: int = 2) -> Path:
-        """Writes ``checkpoints/step-XXXXXXXX`` atomically (temp dir + rename)."""
-        root = self.run_dir / CHECKPOINT_DIR
-        final = root / f"step-{self.step:08d}"
-        tmp = root / f".tmp-step-{self.step:08d}"
-        from safetensors.torch import save_file
+    def _data_layout(self) -> dict:
+        """What the data order depends on: a checkpoint continues exactly only with the same."""
+        s = self.stream
+        return {"world_size": self.env.world_size, "num_workers": s.num_workers,
+                "batch_size": s.batch_size, "seed": s.seed, "num_samples": s.num_samples,
+                "chunk_size": s.chunk_size, "shuffle_buffer": s.shuffle_buffer}
 
-        if self.env.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        _barrier(self.env)
-        rng_t, rng_meta = _rng_to_files(self.env.device)
-        save_file(rng_t, str(tmp / f"rng-rank{self.env.rank}.safetensors"))
-        (tmp / f"rng-rank{self.env.rank}.json").write_text(json.dumps(rng_meta))
-        _barrier(self.env)
-        if self.env.is_main:
-            self.save_model_fn(tmp / "model")
-            comb = {k: v.detach().cpu().contiguous()
-                    for k, v in self.module.combiner.state_dict().items()}
-            save_file(comb, str(tmp / "losses.safetensors"))
-            opt_t, opt_meta = _optimizer_to_files(self.optimizer)
-            save_file(opt_t, str(tmp / "optimizer.safetensors"))
-            state = {
-                "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "micro": self.micro, "total_steps": self.total_steps,
-                "data": {"world_size": self.env.world_size, "num_workers": self.stream.num_workers,
-                         "batch_size": self.stream.batch_size, "seed": self.stream.seed,
-                         "num_samples": self.stream.num_samples,
-                         "chunk_size": self.stream.chunk_size,
-                         "shuffle_buffer": self.stream.shuffle_buffer},
-                "optimizer": opt_meta,
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "best": self.best,
-                "config": config_to_dict(self.cfg),
-            }
-            (tmp / STATE_NAME).write_text(json.dumps(state, indent=1))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            olds = sorted(p for p in root.glob("step-*") if p != final)
-            for old in olds[:max(0, len(olds) - (keep - 1))]:
-                shutil.rmtree(old, ignore_errors=True)
-        _barrier(self.env)
-        return final
+    def save_checkpoint(self, keep: int = 2) -> Path:
+        """Writes ``checkpoints/step-XXXXXXXX`` (:func:`~vlkd.train.checkpoint.write_checkpoint`)."""
+        state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                 "data": self._data_layout(), "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict(), "best": self.best,
+                 "config": to_dict(self.cfg)}
+        return write_checkpoint(self.run_dir, self.step, self.env, save_model=self.save_model_fn,
+                                losses=self.module.combiner.state_dict(),
+                                optimizer=self.optimizer, state=state, keep=keep)
 
     def save_best(self) -> None:
         """Replaces ``best/`` with the current model (rank 0)."""
-        if self.env.is_main:
-            tmp = self.run_dir / ".tmp-best"
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.save_model_fn(tmp)
-            (tmp / "best.json").write_text(json.dumps(self.best, indent=1) + "\n")
-            dst = self.run_dir / "best"
-            if dst.exists():
-                shutil.rmtree(dst)
-            os.replace(tmp, dst)
-        _barrier(self.env)
+        write_best(self.run_dir, self.env, self.save_model_fn, self.best)
 
     def resume(self, path: str | os.PathLike) -> Path:
         """Loads a checkpoint (directory, or the latest in a run directory) into this trainer."""
-        from safetensors.torch import load_file
-
         ckpt = find_checkpoint(path)
-        state = json.loads((ckpt / STATE_NAME).read_text())
-        data = state["data"]
-        here = {"world_size": self.env.world_size, "num_workers": self.stream.num_workers,
-                "batch_size": self.stream.batch_size, "seed": self.stream.seed,
-                "num_samples": self.stream.num_samples, "chunk_size": self.stream.chunk_size,
-                "shuffle_buffer": self.stream.shuffle_buffer}
+        state = read_state(ckpt)
+        data, here = state["data"], self._data_layout()
         diff = {k: (data.get(k), v) for k, v in here.items() if data.get(k) != v}
         if diff:
             pretty = ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in diff.items())
             raise ResumeError(f"{ckpt} cannot continue exactly with this data layout ({pretty}); "
                               "resume with the same world size, data.num_workers, "
                               "data.batch_size, train.seed, annotations and region sets")
-        weights = load_file(str(ckpt / "model" / "model.safetensors"), device=str(self.env.device))
+        weights, losses, opt = load_checkpoint(ckpt, state, self.env.device)
         self.model.load_state_dict(weights)
-        comb = load_file(str(ckpt / "losses.safetensors"), device=str(self.env.device))
-        self.module.combiner.load_state_dict(comb)
-        opt = _optimizer_from_files(load_file(str(ckpt / "optimizer.safetensors"),
-                                              device=str(self.env.device)), state["optimizer"])
+        self.module.combiner.load_state_dict(losses)
         self.optimizer.load_state_dict(opt)
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        rng_file = ckpt / f"rng-rank{self.env.rank}.safetensors"
-        if not rng_file.is_file():
-            raise ResumeError(f"{ckpt} has no RNG state for rank {self.env.rank}; resume with the "
-                              "world size it was written with")
-        _rng_from_files(load_file(str(rng_file)),
-                        json.loads((ckpt / f"rng-rank{self.env.rank}.json").read_text()),
-                        self.env.device)
+        restore_rng(ckpt, self.env)
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
-        self.batch_in_epoch, self.micro = int(state["batch_in_epoch"]), int(state["micro"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
         self.best = state.get("best")
         self._truncate_logs()
-        _barrier(self.env)
+        barrier(self.env)
         log.info("resumed from %s (step %d, epoch %d, batch %d)", ckpt, self.step, self.epoch,
                  self.batch_in_epoch)
         return ckpt
