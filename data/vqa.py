@@ -1,6 +1,6 @@
-"""VQA v2 annotations: questions + annotations JSON, answer vocabulary, soft scores, and the
-official answer normalisation (GT-Vision-Lab ``vqaEval.py``), shared by training targets and the
-evaluation metric so both see answers the same way."""
+"""VQA v2 annotations: questions + annotations JSON, answer vocabulary, soft scores, the
+official answer normalisation and the official accuracy (GT-Vision-Lab ``vqaEval.py``), so that
+training targets and the evaluation metric see answers the same way."""
 from __future__ import annotations
 
 import re
@@ -80,6 +80,60 @@ def normalize_answer(answer: str) -> str:
     """Normalise an answer as the official evaluator normalises a predicted answer."""
     answer = answer.replace("\n", " ").replace("\t", " ").strip()
     return process_digit_article(process_punctuation(answer))
+
+
+# --- official accuracy (vqaEval.py) ------------------------------------------------------
+def vqa_question_accuracy(prediction: str, human_answers: list[str]) -> float:
+    """Official accuracy of one predicted answer against the human answers (usually 10).
+
+    The prediction is normalised (punctuation, digits, articles, contractions); the human answers
+    get the punctuation step when they disagree, as in the official evaluator. For each human
+    answer, acc = min(1, #matches among the *other* answers / 3); the question's accuracy is the
+    mean over those leave-one-out subsets.
+    """
+    if not human_answers:
+        raise ValueError("VQA accuracy needs the question's human answers; found none (is this "
+                         "a test split without annotations?)")
+    pred = normalize_answer(prediction)
+    gts = list(human_answers)
+    if len(set(gts)) > 1:
+        gts = [process_punctuation(a) for a in gts]
+    accs = []
+    for i in range(len(gts)):
+        others = gts[:i] + gts[i + 1:]
+        accs.append(min(1.0, sum(a == pred for a in others) / 3.0))
+    return sum(accs) / len(accs)
+
+
+def vqa_accuracy(predictions: dict[int, str], questions) -> dict:
+    """Mean official accuracy (in %, as the evaluator prints it) over annotated questions.
+
+    Args:
+        predictions: question id -> predicted answer string.
+        questions: iterable of :class:`VQAQuestion` with answers.
+    Returns:
+        ``{"accuracy": float, "per_answer_type": {type: float}, "num_questions": int}``.
+    """
+    per_type: dict[str, list[float]] = {}
+    all_acc = []
+    missing = []
+    for q in questions:
+        if q.question_id not in predictions:
+            missing.append(q.question_id)
+            continue
+        acc = vqa_question_accuracy(predictions[q.question_id], q.answers)
+        all_acc.append(acc)
+        per_type.setdefault(q.answer_type or "all", []).append(acc)
+    if missing:
+        raise ValueError(f"VQA predictions are missing {len(missing)} questions (e.g. "
+                         f"{missing[:3]}); the official metric needs an answer for every one")
+    if not all_acc:
+        raise ValueError("no annotated questions to score")
+    return {
+        "accuracy": 100.0 * sum(all_acc) / len(all_acc),
+        "per_answer_type": {k: 100.0 * sum(v) / len(v) for k, v in sorted(per_type.items())},
+        "num_questions": len(all_acc),
+    }
 
 
 # --- data ---------------------------------------------------------------------------------

@@ -62,8 +62,7 @@ def _vqa_prior(out: Path) -> dict | None:
                   ann / f"v2_synthetic_{sp}_annotations.json") for sp in ("train", "test")}
     if not all(p.is_file() for pair in paths.values() for p in pair):
         return None
-    from vlkd.data.vqa import load_vqa, question_type_prior
-    from vlkd.train.metrics import vqa_accuracy
+    from vlkd.data.vqa import load_vqa, question_type_prior, vqa_accuracy
 
     train, test = (load_vqa(*paths[sp]) for sp in ("train", "test"))
     return vqa_accuracy(question_type_prior(train, test), test)

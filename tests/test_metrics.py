@@ -3,8 +3,9 @@ import math
 
 import pytest
 
-from vlkd.data.vqa import VQAQuestion, normalize_answer, soft_scores
-from vlkd.train.metrics import caption_scores, vqa_accuracy, vqa_question_accuracy
+from vlkd.data.vqa import (VQAQuestion, normalize_answer, soft_scores, vqa_accuracy,
+                           vqa_question_accuracy)
+from vlkd.train.metrics import caption_scores
 
 
 def test_normalisation_matches_official_rules():

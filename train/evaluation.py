@@ -4,7 +4,7 @@ are gathered) and their scores.
 Captioning: beam search (or greedy) → ``{image id: caption}`` → COCO result format
 ``[{"image_id", "caption"}]`` and pycocoevalcap scores (:func:`vlkd.train.metrics.caption_scores`).
 VQA: argmax over the answer vocabulary → official result format ``[{"question_id", "answer"}]``
-and the official accuracy (:func:`vlkd.train.metrics.vqa_accuracy`).
+and the official accuracy (:func:`vlkd.data.vqa.vqa_accuracy`).
 """
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from vlkd.data.vqa import vqa_accuracy
+
 from .decode import generate_captions
-from .metrics import caption_scores, vqa_accuracy
+from .distributed import DistEnv
+from .metrics import caption_scores
 from .stream import RegionStream, make_loader
 from .tasks import model_inputs, to_device
-from .distributed import DistEnv
 
 __all__ = ["predict_captions", "predict_vqa", "gather_dict", "score_predictions",
            "write_predictions", "make_eval_fn"]

@@ -1,5 +1,8 @@
-"""Evaluation metrics: captioning scores from pycocoevalcap and VQA accuracy by the official
-VQA v2 metric (GT-Vision-Lab ``vqaEval.py``)."""
+"""Captioning metrics from pycocoevalcap (BLEU, METEOR, ROUGE-L, CIDEr, SPICE).
+
+The VQA accuracy (the official VQA v2 metric) lives next to the answer normalisation it depends
+on, in :mod:`vlkd.data.vqa`.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -8,66 +11,9 @@ import logging
 import shutil
 from pathlib import Path
 
-from vlkd.data.vqa import normalize_answer, process_punctuation
-
 log = logging.getLogger(__name__)
 
 
-# --- VQA --------------------------------------------------------------------------------------
-def vqa_question_accuracy(prediction: str, human_answers: list[str]) -> float:
-    """Official accuracy of one predicted answer against the human answers (usually 10).
-
-    The prediction is normalised (punctuation, digits, articles, contractions); the human answers
-    get the punctuation step when they disagree, as in the official evaluator. For each human
-    answer, acc = min(1, #matches among the *other* answers / 3); the question's accuracy is the
-    mean over those leave-one-out subsets.
-    """
-    if not human_answers:
-        raise ValueError("VQA accuracy needs the question's human answers; found none (is this "
-                         "a test split without annotations?)")
-    pred = normalize_answer(prediction)
-    gts = list(human_answers)
-    if len(set(gts)) > 1:
-        gts = [process_punctuation(a) for a in gts]
-    accs = []
-    for i in range(len(gts)):
-        others = gts[:i] + gts[i + 1:]
-        accs.append(min(1.0, sum(a == pred for a in others) / 3.0))
-    return sum(accs) / len(accs)
-
-
-def vqa_accuracy(predictions: dict[int, str], questions) -> dict:
-    """Mean official accuracy (in %, as the evaluator prints it) over annotated questions.
-
-    Args:
-        predictions: question id -> predicted answer string.
-        questions: iterable of :class:`vlkd.data.vqa.VQAQuestion` with answers.
-    Returns:
-        ``{"accuracy": float, "per_answer_type": {type: float}, "num_questions": int}``.
-    """
-    per_type: dict[str, list[float]] = {}
-    all_acc = []
-    missing = []
-    for q in questions:
-        if q.question_id not in predictions:
-            missing.append(q.question_id)
-            continue
-        acc = vqa_question_accuracy(predictions[q.question_id], q.answers)
-        all_acc.append(acc)
-        per_type.setdefault(q.answer_type or "all", []).append(acc)
-    if missing:
-        raise ValueError(f"VQA predictions are missing {len(missing)} questions (e.g. "
-                         f"{missing[:3]}); the official metric needs an answer for every one")
-    if not all_acc:
-        raise ValueError("no annotated questions to score")
-    return {
-        "accuracy": 100.0 * sum(all_acc) / len(all_acc),
-        "per_answer_type": {k: 100.0 * sum(v) / len(v) for k, v in sorted(per_type.items())},
-        "num_questions": len(all_acc),
-    }
-
-
-# --- captioning -------------------------------------------------------------------------------
 def spice_available() -> tuple[bool, str]:
     """SPICE needs Java and Stanford CoreNLP 3.6.0 jars beside pycocoevalcap's spice jar, which
     pycocoevalcap otherwise downloads at run time (impossible offline)."""
@@ -148,4 +94,4 @@ def caption_scores(references: dict[str, list[str]], predictions: dict[str, str]
     return out
 
 
-__all__ = ["vqa_question_accuracy", "vqa_accuracy", "caption_scores", "spice_available"]
+__all__ = ["caption_scores", "spice_available"]
