@@ -27,7 +27,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from vlkd.common.config import save, to_dict
+
+from .config import DemoConfig, load_config
 
 BIN = Path(sys.executable).parent
 
@@ -44,30 +46,6 @@ def configs_dir() -> Path:
                             "VLKD_CONFIGS to its configs/ folder")
 
 
-def load_config(path: Path) -> dict:
-    """Reads a demo config and checks the keys the pipeline uses, naming any that are missing."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise RuntimeError(f"demo config {path}: cannot read it ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise RuntimeError(f"demo config {path}: not valid YAML ({e})") from None
-    need = {"full": ["data", "detector_iters", "steps", "batch_size", "eval_max_samples"],
-            "quick": ["data", "detector_iters", "steps", "batch_size", "eval_max_samples"],
-            "tasks": [], "models": ["teacher", "student"]}
-    missing = [k for k in need if not isinstance(raw, dict) or k not in raw]
-    missing += [f"{k}.{sub}" for k, subs in need.items() if isinstance(raw, dict)
-                and isinstance(raw.get(k), dict) for sub in subs if sub not in raw[k]]
-    if missing:
-        raise RuntimeError(f"demo config {path}: missing {', '.join(missing)}; start from a "
-                           "copy of configs/demo/demo.yaml")
-    bad = [t for t in raw["tasks"] if t not in ("caption", "vqa")]
-    if bad or not raw["tasks"]:
-        raise RuntimeError(f"demo config {path}: tasks must be a non-empty subset of "
-                           f"[caption, vqa], found {raw['tasks']}")
-    return raw
-
-
 @dataclass
 class Stage:
     name: str
@@ -76,6 +54,11 @@ class Stage:
     after: list[str] = field(default_factory=list)
     seconds: float = 0.0
     skipped: bool = False
+
+
+def _sets(keys: dict) -> list[str]:
+    """``vlkd-train`` config keys as its ``--set key=value`` options."""
+    return [a for k, v in keys.items() for a in ("--set", f"{k}={v}")]
 
 
 def _cpu_count() -> int:
@@ -87,20 +70,36 @@ def _cpu_count() -> int:
 
 @dataclass
 class Demo:
+    """The demo's stage graph and how it runs.
+
+    Attributes:
+        out: the output folder.
+        quick: the config's ``quick`` size instead of ``full``.
+        jobs: stages run at once (None: the config's ``jobs``; 0: one per core, at most 4).
+        config: the demo config (default ``configs/demo/demo.yaml``).
+        overrides: ``--set key=value`` overrides of the config.
+        cfg: the resolved :class:`~vlkd.demo.config.DemoConfig`, saved as ``out/config.yaml``.
+        scale: the size in use, ``cfg.quick`` or ``cfg.full``.
+        raw, size: ``cfg`` and ``scale`` as plain dicts (read by the report and benchmarks).
+    """
+
     out: Path
     quick: bool = False
-    jobs: int = 0                   # stages run at once; 0: one per CPU core (at most 4)
-    config: Path | None = None      # the demo config; default configs/demo/demo.yaml
+    jobs: int | None = None
+    config: Path | None = None
+    overrides: tuple[str, ...] = ()
     log: list[Stage] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out).resolve()
         self.cfg_root = configs_dir()
         self.config = Path(self.config or self.cfg_root / "demo" / "demo.yaml").resolve()
-        self.raw = load_config(self.config)
+        self.cfg: DemoConfig = load_config(self.config, self.overrides, self.jobs)
+        self.scale = self.cfg.size(self.quick)
+        self.raw = to_dict(self.cfg)
         self.size = self.raw["quick" if self.quick else "full"]
         self.cores = _cpu_count()
-        self.jobs = self.jobs or min(4, self.cores)
+        self.jobs = self.cfg.jobs or min(4, self.cores)
         self.t0 = time.time()
         self._lock = threading.Lock()
 
@@ -220,10 +219,10 @@ class Demo:
 
     # -------------------------------------------------------------------------------- stages
     def _train_args(self, task: str, seed: int) -> list[str]:
-        s, P = self.size, self.paths
-        return ["--task", task, "--tokenizer", str(P["tok"]), "--batch-size", str(s["batch_size"]),
-                "--seed", str(seed), *self._annotations(task, "train"),
-                *[a for k, v in self.raw.get("train", {}).items() for a in ("--set", f"{k}={v}")]]
+        P = self.paths
+        return ["--task", task, "--tokenizer", str(P["tok"]),
+                "--batch-size", str(self.scale.batch_size), "--seed", str(seed),
+                *self._annotations(task, "train"), *_sets(self.cfg.train)]
 
     def _annotations(self, task: str, split: str) -> list[str]:
         P = self.paths
@@ -234,14 +233,14 @@ class Demo:
 
     def evaluate(self, task: str, key: str, run: Path, regions: Path, trained: str) -> str:
         """Scores ``run``'s model on the test split into ``eval/<key>-<task>/scores.json``."""
-        s, P = self.size, self.paths
+        s, P = self.scale, self.paths
         e = P["evals"] / f"{key}-{task}"
         extra = ["--tag-regions", str(P["reg"] / "student")] if regions.name == "teacher-vta" else []
         return self.stage(f"{task}: evaluate {key}", [
             str(BIN / "vlkd-train"), "evaluate", "--model", str(self.model_dir(run)),
             "--regions", str(regions), "--task", task, *self._annotations(task, "test"), *extra,
-            "--output-dir", str(e), "--set", f"eval.max_samples={s['eval_max_samples']}",
-            "--set", f"eval.beam_size={self.raw['train'].get('eval.beam_size', 5)}"], e,
+            "--output-dir", str(e), "--set", f"eval.max_samples={s.eval_max_samples}",
+            "--set", f"eval.beam_size={self.cfg.train.get('eval.beam_size', 5)}"], e,
             after=(trained, "teacher-features"))
 
     def add_students(self, task: str, seed: int, suffix: str = "") -> tuple[str, str]:
@@ -255,14 +254,14 @@ class Demo:
         """One student run and its evaluation; with ``kd``, distilled from this task's VTA
         teacher with ``distill_losses`` updated by ``kd_sets`` (an ablation). The run is
         ``runs/student-{base,kd}<suffix>-<task>``; returns its evaluation stage."""
-        s, P, m = self.size, self.paths, self.raw["models"]
+        s, P, m = self.scale, self.paths, self.cfg.models
         tr, stu = str(BIN / "vlkd-train"), P["reg"] / "student"
         key = f"student-{'kd' if kd else 'base'}{suffix}"
         run = P["runs"] / f"{key}-{task}"
-        args = ["--max-steps", str(s["steps"]["student"]), "--output-dir", str(run),
+        args = ["--max-steps", str(s.steps.student), "--output-dir", str(run),
                 *self._train_args(task, seed)]
         if kd:
-            losses = dict(self.raw.get("distill_losses", {}))
+            losses = dict(self.cfg.distill_losses)
             for k in kd_sets or {}:     # a new loss type drops the old type's params
                 if k.endswith(".type"):
                     term = k[: -len("type")]
@@ -271,13 +270,13 @@ class Demo:
             losses.update(kd_sets or {})
             trained = self.stage(f"{task}: student with KD{suffix}", [
                 tr, "distill", "--teacher", str(self.model_dir(P["runs"] / f"teacher-vta-{task}")),
-                "--student", m["student"], "--student-regions", str(stu),
+                "--student", m.student, "--student-regions", str(stu),
                 "--teacher-regions", str(P["reg"] / "teacher-vta"), *args,
-                *[a for k, v in losses.items() for a in ("--set", f"{k}={v}")]],
+                *_sets(losses)],
                 run, after=(f"{task}: teacher adapted to student boxes (VTA)",))
         else:
             trained = self.stage(f"{task}: student without KD{suffix}", [
-                tr, "finetune", "--model", m["student"], "--regions", str(stu), *args],
+                tr, "finetune", "--model", m.student, "--regions", str(stu), *args],
                 run, after=("tokenizer",))
         return self.evaluate(task, key, run, stu, trained)
 
@@ -286,6 +285,8 @@ class Demo:
         self.say(f"{len(self.log)} stages, up to {self.jobs} at a time on {self.cores} "
                  f"core{'s' * (self.cores > 1)}; output {self.out}")
         self.execute()
+        # written once every stage has run with it (a refused re-run leaves the old one)
+        save(self.cfg, self.out)
         from vlkd.demo.report import write_report
         report = write_report(self)
         self.say(f"report: {report}  (total {time.time() - self.t0:.0f} s)")
@@ -295,13 +296,13 @@ class Demo:
         """Adds every stage with what it needs; :meth:`execute` runs them."""
         from vlkd.data.synthetic import image_id_for
 
-        o, s, c = self.out, self.size, self.cfg_root
+        o, s, c = self.out, self.scale, self.cfg_root
         ex, tr = str(BIN / "vlkd-extract"), str(BIN / "vlkd-train")
-        d = s["data"]
+        d = s.data
         data = o / "data"
         self.stage("data", [sys.executable, "-m", "vlkd.data.synthetic", "--out", str(data),
-                            "--num-train", str(d["num_train"]), "--num-val", str(d["num_val"]),
-                            "--num-test", str(d["num_test"]), "--seed", str(d["seed"])], data)
+                            "--num-train", str(d.num_train), "--num-val", str(d.num_val),
+                            "--num-test", str(d.num_test), "--seed", str(d.seed)], data)
         ann = data / "annotations"
         karpathy = ann / "dataset_coco.json"
 
@@ -316,7 +317,7 @@ class Demo:
                 "--image-root", str(data / "images" / "train"),
                 "--val-json", str(ann / "instances_val.json"),
                 "--val-image-root", str(data / "images" / "val"),
-                "--out", str(dd), "--max-iter", str(s["detector_iters"][role]),
+                "--out", str(dd), "--max-iter", str(getattr(s.detector_iters, role)),
                 "--num-threads", "1"], dd, after=("data",))
 
         reg = o / "regions"
@@ -347,22 +348,22 @@ class Demo:
         self.paths = dict(data=data, ann=ann, karpathy=karpathy, reg=reg, tok=tok,
                           runs=o / "runs", evals=o / "eval")
         runs, vta_set = o / "runs", reg / "teacher-vta"
-        m = self.raw["models"]
-        for task in self.raw["tasks"]:
-            base = self._train_args(task, d["seed"])
+        m = self.cfg.models
+        for task in self.cfg.tasks:
+            base = self._train_args(task, d.seed)
             t_own, t_vta = runs / f"teacher-own-{task}", runs / f"teacher-vta-{task}"
             st_own = self.stage(f"{task}: teacher on its own boxes", [
-                tr, "finetune", "--model", m["teacher"], "--regions", str(reg / "teacher-own"),
-                "--max-steps", str(s["steps"]["teacher"]), "--output-dir", str(t_own), *base],
+                tr, "finetune", "--model", m.teacher, "--regions", str(reg / "teacher-own"),
+                "--max-steps", str(s.steps.teacher), "--output-dir", str(t_own), *base],
                 t_own, after=(own, "tokenizer"))
             st_vta = self.stage(f"{task}: teacher adapted to student boxes (VTA)", [
                 tr, "finetune", "--model", str(self.model_dir(t_own)), "--regions", str(vta_set),
-                "--max-steps", str(s["steps"]["teacher_adapt"]), "--output-dir", str(t_vta),
+                "--max-steps", str(s.steps.teacher_adapt), "--output-dir", str(t_vta),
                 *base], t_vta, after=(st_own, vta))
             self.evaluate(task, "teacher-own", t_own, reg / "teacher-own", st_own)
             self.evaluate(task, "teacher-own-on-student-boxes", t_own, vta_set, st_own)
             self.evaluate(task, "teacher-vta", t_vta, vta_set, st_vta)
-            self.add_students(task, d["seed"])
+            self.add_students(task, d.seed)
 
         # pictures: boxes of one test image (student tags | teacher tags over the same boxes),
         # teacher vs distilled-student attention maps on one test caption
@@ -371,7 +372,7 @@ class Demo:
             ex, "inspect", str(reg / "student"), "--with", str(reg / "teacher-vta"),
             "--image-id", str(image_id_for("test", 0)), *images, "--draw", str(o / "boxes.png")],
             pics / "boxes", after=(vta,))
-        if "caption" in self.raw["tasks"]:
+        if "caption" in self.cfg.tasks:
             self.stage("picture: attention", [
                 tr, "show-attention", "--teacher", str(self.model_dir(runs / "teacher-vta-caption")),
                 "--student", str(self.model_dir(runs / "student-kd-caption")),
@@ -386,9 +387,10 @@ class Demo:
         return run_dir / "final"
 
 
-def run_demo(out: str, quick: bool, clean: bool = False, jobs: int = 0,
-             config: str | None = None) -> Path:
-    demo = Demo(Path(out), quick=quick, jobs=jobs, config=Path(config) if config else None)
+def run_demo(out: str, quick: bool, clean: bool = False, jobs: int | None = None,
+             config: str | None = None, overrides: tuple[str, ...] = ()) -> Path:
+    demo = Demo(Path(out), quick=quick, jobs=jobs, config=Path(config) if config else None,
+                overrides=tuple(overrides))
     if clean and demo.out.exists():
         shutil.rmtree(demo.out)
     return demo.pipeline()

@@ -137,3 +137,94 @@ def test_the_head_of_the_longest_chain_starts_first(tmp_path):
     demo.execute()
     start = {k: json.loads(p.read_text())["start"] for k, p in recs.items()}
     assert sorted(start, key=start.get) == ["b", "c", "a", "d"]
+
+
+def _demo_yaml() -> str:
+    from vlkd.demo.pipeline import configs_dir
+
+    return (configs_dir() / "demo" / "demo.yaml").read_text()
+
+
+def test_demo_config_refuses_unknown_keys_naming_the_valid_ones(tmp_path):
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text(_demo_yaml().replace("  batch_size: 16", "  batch_size: 16\n  batchsize: 8"))
+    with pytest.raises(RuntimeError, match=r"unknown key 'quick\.batchsize'; valid keys in "
+                                           r"'quick': \['batch_size', 'data'"):
+        Demo(tmp_path / "out", config=cfg)
+    with pytest.raises(RuntimeError, match=r"--set quick\.step\.student=3: unknown key "
+                                           r"'quick\.step'.*'steps'"):
+        Demo(tmp_path / "out", overrides=("quick.step.student=3",))
+    with pytest.raises(RuntimeError, match=r"quick\.batch_size: Value 'many'"):
+        Demo(tmp_path / "out", overrides=("quick.batch_size=many",))
+    for tasks in ("[caption, captions]", "[]"):
+        with pytest.raises(RuntimeError, match=r"tasks must be a non-empty subset of "
+                                               r"\[caption, vqa\]"):
+            Demo(tmp_path / "out", overrides=(f"tasks={tasks}",))
+
+
+def test_missing_keys_filled_by_set_are_not_reported(tmp_path):
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text("full: {data: {num_train: 10}}\ntasks: [caption, vqa]\n")
+    with pytest.raises(RuntimeError, match=r"missing quick, full\.detector_iters, full\.steps, "
+                                           r"full\.batch_size, full\.eval_max_samples, "
+                                           r"models\.student, full\.data\.num_val") as e:
+        Demo(tmp_path / "out", config=cfg, overrides=("models.teacher=tiny",))
+    assert "models.teacher" not in str(e.value)
+
+
+def test_set_overrides_reach_the_planned_commands(tmp_path):
+    demo = Demo(tmp_path / "out", quick=True, jobs=3, overrides=(
+        "quick.steps.student=7", "train.optim.lr=0.002",
+        "distill_losses.losses.attention.weight=0", "tasks=[caption]"))
+    assert demo.jobs == 3 and demo.cfg.jobs == 3
+    demo.plan()
+    st = {s.name: s for s in demo.log}
+    kd = st["caption: student with KD"].argv
+    assert kd[kd.index("--max-steps") + 1] == "7"
+    sets = [kd[i + 1] for i, a in enumerate(kd) if a == "--set"]
+    # a nested --set lands on the file's dotted key: one value, the override's
+    assert "optim.lr=0.002" in sets and not any(s.startswith("optim.lr=0.001") for s in sets)
+    assert "losses.attention.weight=0" in sets and "losses.attention.weight=1.0" not in sets
+    assert "losses.hidden.params.queue_size=1024" in sets
+    assert not any(name.startswith("vqa:") for name in st)
+    assert demo.size["steps"]["student"] == 7 and demo.raw["tasks"] == ["caption"]
+
+
+def test_resolved_config_is_saved_beside_the_output(tmp_path, monkeypatch):
+    import vlkd.demo.report
+    from vlkd.demo.config import load_config
+
+    monkeypatch.setattr(Demo, "plan", lambda self: _stage(self, tmp_path, "a", sleep=0.0))
+    monkeypatch.setattr(vlkd.demo.report, "write_report", lambda demo: demo.out / "report.md")
+    demo = Demo(tmp_path / "out", jobs=1, overrides=("full.batch_size=5", "train.optim.lr=0.01"))
+    demo.pipeline()
+    saved = tmp_path / "out" / "config.yaml"
+    again = load_config(saved)
+    assert again == demo.cfg and again.full.batch_size == 5
+    assert again.train["optim.lr"] == 0.01 and again.jobs == 1
+
+
+def test_cli_options_set_and_jobs(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import vlkd.demo.pipeline
+    from vlkd.demo.cli import main
+
+    r = CliRunner().invoke(main, ["--help"])
+    assert r.exit_code == 0
+    for flag in ("--out", "--quick", "--clean", "--jobs", "--config", "--set KEY=VALUE"):
+        assert flag in r.output
+    assert "[jobs; default: 0]" in " ".join(r.output.split())
+
+    seen = {}
+    monkeypatch.setattr(vlkd.demo.pipeline, "run_demo",
+                        lambda *a: seen.setdefault("args", a) and tmp_path / "report.md")
+    r = CliRunner().invoke(main, ["--out", str(tmp_path / "o"), "--jobs", "2", "--set", "a=1",
+                                  "--set", "b.c=2"])
+    assert r.exit_code == 0, r.output
+    assert seen["args"] == (str(tmp_path / "o"), False, False, 2, None, ("a=1", "b.c=2"))
+
+    monkeypatch.undo()
+    r = CliRunner().invoke(main, ["--out", str(tmp_path / "o"), "--set", "quick.stepz=1"])
+    assert r.exit_code == 1 and "unknown key 'quick.stepz'" in r.output
+    assert not (tmp_path / "o").exists()
