@@ -123,6 +123,12 @@ def test_vqa_finetune_and_evaluate_official_accuracy(world, tmp_path):
         accs.append(1.0 if p["answer"] == human[0] else 0.6 if p["answer"] == "other" else 0.0)
     assert scores["accuracy"] == pytest.approx(100 * sum(accs) / len(accs))
     assert scores["task"] == "vqa" and scores["num_predictions"] == len(qs)
+    # the resolved config is saved beside the scores, and loads again
+    from vlkd.train.config import load_config
+    cfg = load_config(out / "config.yaml")
+    assert (cfg.task.name, cfg.model.model) == ("vqa", str(run / "final"))
+    assert cfg.eval.regions == cfg.data.regions == str(world["student"])
+    assert (cfg.eval.vqa_questions, cfg.eval.vqa_annotations) == (str(eq), str(ea))
 
 
 def test_pretrain_runs_mlm_and_matching(world, tmp_path):

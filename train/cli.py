@@ -16,6 +16,9 @@ from pathlib import Path
 import click
 
 from vlkd import __version__
+from vlkd.common.config import option, option_flags, save, set_option, split_options
+
+from .config import RunConfig
 
 log = logging.getLogger("vlkd.train")
 
@@ -42,66 +45,56 @@ def _setup_logging(rank: int) -> None:
 
 
 # ------------------------------------------------------------------------------------ options
-def _common_options(f):
-    opts = [
-        click.option("--config", "config_path", type=click.Path(dir_okay=False),
-                     help="YAML config (sections model/data/task/optim/train/distill/eval/losses)."),
-        click.option("--output-dir", "-o", help="Run directory [train.output_dir]."),
-        click.option("--task", type=click.Choice(["caption", "vqa", "pretrain"]),
-                     help="Task [task.name]."),
-        click.option("--captions", help="Karpathy dataset_coco.json or COCO captions_*.json "
-                     "[data.captions]."),
-        click.option("--split", help="Karpathy split to train on [data.split]."),
-        click.option("--vqa-questions", help="VQA v2 questions JSON [data.vqa_questions]."),
-        click.option("--vqa-annotations", help="VQA v2 annotations JSON [data.vqa_annotations]."),
-        click.option("--answer-vocab", help="Answer list, one per line [data.answer_vocab]."),
-        click.option("--pairs", help="Pre-training (image id, caption) pairs [data.pairs]."),
-        click.option("--tokenizer", help="BERT WordPiece directory [data.tokenizer]."),
-        click.option("--tag-regions", help="Set whose box classes are the tags [data.tag_regions]."),
-        click.option("--eval-captions", help="Caption references for periodic evaluation "
-                     "[eval.captions]."),
-        click.option("--eval-split", help="Split evaluated periodically [eval.split]."),
-        click.option("--eval-vqa-questions", help="[eval.vqa_questions]"),
-        click.option("--eval-vqa-annotations", help="[eval.vqa_annotations]"),
-        click.option("--max-steps", type=int, help="Optimizer steps [train.max_steps]."),
-        click.option("--epochs", type=int, help="Epochs when --max-steps is 0 [train.epochs]."),
-        click.option("--batch-size", type=int, help="Per-process batch [data.batch_size]."),
-        click.option("--lr", type=float, help="Peak learning rate [optim.lr]."),
-        click.option("--seed", type=int, help="[train.seed]"),
-        click.option("--resume", type=click.Path(exists=True),
-                     help="Continue from a checkpoint directory, or the latest in a run directory."),
-        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                     help="Config override, repeatable: --set optim.lr=3e-5."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
+def _key(key: str, *flags: str, **kwargs):
+    """An option setting config ``key``: help and shown default from :class:`RunConfig`."""
+    return option(RunConfig, key, *flags, **kwargs)
 
 
-_OPTION_KEYS = {
-    "output_dir": "train.output_dir", "task": "task.name", "captions": "data.captions",
-    "split": "data.split", "vqa_questions": "data.vqa_questions",
-    "vqa_annotations": "data.vqa_annotations", "answer_vocab": "data.answer_vocab",
-    "pairs": "data.pairs", "tokenizer": "data.tokenizer", "tag_regions": "data.tag_regions",
-    "eval_captions": "eval.captions", "eval_split": "eval.split",
-    "eval_vqa_questions": "eval.vqa_questions", "eval_vqa_annotations": "eval.vqa_annotations",
-    "max_steps": "train.max_steps", "epochs": "train.epochs", "batch_size": "data.batch_size",
-    "lr": "optim.lr", "seed": "train.seed", "regions": "data.regions",
-    "teacher_regions": "data.teacher_regions", "model": "model.model", "teacher": "distill.teacher",
-    "beam_size": "eval.beam_size", "max_len": "eval.max_len", "eval_batch_size": "eval.batch_size",
-}
+def _options(*opts):
+    def deco(f):
+        for o in reversed(opts):
+            f = o(f)
+        return f
+    return deco
+
+
+_config_option = click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False),
+    help="YAML config (sections model/data/task/optim/train/distill/eval/losses).")
+
+_common_options = _options(
+    _config_option,
+    _key("train.output_dir", "--output-dir", "-o"),
+    _key("task.name", "--task", type=click.Choice(["caption", "vqa", "pretrain"])),
+    _key("data.captions", "--captions"),
+    _key("data.split", "--split"),
+    _key("data.vqa_questions", "--vqa-questions"),
+    _key("data.vqa_annotations", "--vqa-annotations"),
+    _key("data.answer_vocab", "--answer-vocab"),
+    _key("data.pairs", "--pairs"),
+    _key("data.tokenizer", "--tokenizer"),
+    _key("data.tag_regions", "--tag-regions"),
+    _key("eval.captions", "--eval-captions"),
+    _key("eval.split", "--eval-split"),
+    _key("eval.vqa_questions", "--eval-vqa-questions"),
+    _key("eval.vqa_annotations", "--eval-vqa-annotations"),
+    _key("train.max_steps", "--max-steps"),
+    _key("train.epochs", "--epochs"),
+    _key("data.batch_size", "--batch-size"),
+    _key("optim.lr", "--lr"),
+    _key("train.seed", "--seed"),
+    click.option("--resume", type=click.Path(exists=True),
+                 help="Continue from a checkpoint directory, or the latest in a run directory."),
+    set_option(),
+)
 
 
 def _resolve_config(config_path, options: dict, overrides):
+    """The run's config: YAML file ← options ← ``--set`` (errors name the option's flag)."""
     from .config import load_config
 
-    sets = []
-    for name, value in options.items():
-        if value is None or name not in _OPTION_KEYS:
-            continue
-        sets.append(f"{_OPTION_KEYS[name]}={json.dumps(value) if not isinstance(value, str) else value}")
-    # options first, then --set: an explicit --set wins
-    return load_config(config_path, [*sets, *overrides])
+    flags = option_flags(click.get_current_context().command)
+    return load_config(config_path, overrides, options=options, option_names=flags)
 
 
 def _fail(e: Exception) -> None:
@@ -115,7 +108,7 @@ def _train(command: str, cfg, resume: str | None) -> None:
 
     from . import build
     from .build import RunInputs
-    from .config import ConfigError, save_config
+    from .config import ConfigError
     from .evaluation import make_eval_fn
     from .tasks import make_task
     from .distributed import amp_dtype, seed_everything, setup_distributed, teardown_distributed
@@ -132,7 +125,7 @@ def _train(command: str, cfg, resume: str | None) -> None:
             raise ConfigError("distill needs --teacher DIR and --teacher-regions DIR")
         run_dir = Path(cfg.train.output_dir)
         if env.is_main:
-            save_config(cfg, run_dir)
+            save(cfg, run_dir)
         seed_everything(cfg.train.seed)
         model_dir = cfg.model.model if build._is_model_dir(cfg.model.model) else ""
         tokenizer = build.resolve_tokenizer(cfg, model_dir)
@@ -238,9 +231,8 @@ def _check_teacher(cfg, teacher, tokenizer, student) -> None:
 
 
 @main.command()
-@click.option("--regions", help="Region set of the trained model [data.regions].")
-@click.option("--model", help="Preset (tiny, student, teacher), YAML config or model "
-              "directory [model.model].")
+@_key("data.regions", "--regions")
+@_key("model.model", "--model")
 @_common_options
 def finetune(config_path, overrides, resume, **options):
     """Train one model on one task, without a teacher.
@@ -249,18 +241,17 @@ def finetune(config_path, overrides, resume, **options):
     --regions TEACHER_FEATURES_SET) and for the non-distilled student baseline.
     """
     try:
-        cfg = _resolve_config(config_path, options, overrides)
+        cfg = _resolve_config(config_path, split_options(options)[0], overrides)
     except ValueError as e:
         _fail(e)
     _run_guarded("finetune", cfg, resume)
 
 
 @main.command()
-@click.option("--teacher", help="Teacher model directory, frozen [distill.teacher].")
-@click.option("--student", "model", help="Student preset, YAML config or directory [model.model].")
-@click.option("--student-regions", "regions", help="Student (proposals) set [data.regions].")
-@click.option("--teacher-regions", help="Teacher features aligned to the student set "
-              "[data.teacher_regions].")
+@_key("distill.teacher", "--teacher")
+@_key("model.model", "--student")
+@_key("data.regions", "--student-regions")
+@_key("data.teacher_regions", "--teacher-regions")
 @_common_options
 def distill(config_path, overrides, resume, **options):
     """Train a student with the task loss plus KD terms from a frozen teacher.
@@ -269,7 +260,7 @@ def distill(config_path, overrides, resume, **options):
     options from the config's losses section or --set losses.NAME.weight=W.
     """
     try:
-        cfg = _resolve_config(config_path, options, overrides)
+        cfg = _resolve_config(config_path, split_options(options)[0], overrides)
     except ValueError as e:
         _fail(e)
     _run_guarded("distill", cfg, resume)
@@ -291,53 +282,56 @@ def _run_guarded(command: str, cfg, resume) -> None:
 
 # -------------------------------------------------------------------------------- evaluation
 @main.command()
-@click.option("--model", required=True, help="Model directory [model.model].")
-@click.option("--regions", required=True, help="Region set of the evaluated images.")
-@click.option("--task", type=click.Choice(["caption", "vqa"]), help="Default: the model's task.")
-@click.option("--captions", "eval_captions", help="Caption references (Karpathy or COCO JSON).")
-@click.option("--split", "eval_split", help="Karpathy split [eval.split].")
-@click.option("--vqa-questions", "eval_vqa_questions", help="VQA questions JSON.")
-@click.option("--vqa-annotations", "eval_vqa_annotations",
-              help="VQA annotations JSON (omit for predictions only).")
-@click.option("--tag-regions", help="Tag set, when --regions is a teacher-features set.")
-@click.option("--output-dir", "-o", required=True, help="Where predictions and scores go.")
-@click.option("--beam-size", type=int, help="Beam width [eval.beam_size=5].")
+@_key("model.model", "--model", required=True, help="Model directory.")
+@_key("eval.regions", "--regions", required=True)
+@_key("task.name", "--task", type=click.Choice(["caption", "vqa"]),
+      default_text="the model's task")
+@_key("eval.captions", "--captions")
+@_key("eval.split", "--split")
+@_key("eval.vqa_questions", "--vqa-questions")
+@_key("eval.vqa_annotations", "--vqa-annotations")
+@_key("data.tag_regions", "--tag-regions")
+@click.option("--output-dir", "-o", required=True,
+              help="Where predictions, scores.json and the resolved config.yaml go.")
+@_key("eval.beam_size", "--beam-size")
 @click.option("--greedy", is_flag=True, help="Greedy decoding (beam size 1).")
-@click.option("--max-len", type=int, help="Longest caption in tokens [eval.max_len=20].")
-@click.option("--batch-size", "eval_batch_size", type=int, help="[eval.batch_size]")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override.")
-def evaluate(model, regions, task, greedy, output_dir, config_path, overrides, **options):
+@_key("eval.max_len", "--max-len")
+@_key("eval.batch_size", "--batch-size")
+@_config_option
+@set_option()
+def evaluate(greedy, output_dir, config_path, overrides, **options):
     """Predict and score: captions (beam search → pycocoevalcap) or VQA (official accuracy).
 
-    Writes predictions (COCO caption results / official VQA results format) and scores.json.
+    Writes predictions (COCO caption results / official VQA results format), scores.json and
+    the resolved config.yaml.
     """
     from .stream import AlignmentError
 
     try:
-        _evaluate(model, regions, task, greedy, output_dir, config_path, overrides, options)
+        _evaluate(greedy, output_dir, config_path, overrides, split_options(options)[0])
     except (AlignmentError, ValueError, FileNotFoundError, KeyError) as e:
         _fail(e)
 
 
-def _evaluate(model_dir, regions, task, greedy, output_dir, config_path, overrides, options):
+def _evaluate(greedy, output_dir, config_path, overrides, options):
     from vlkd.common.regionset import RegionSet
 
     from . import build
+    from .distributed import amp_dtype, setup_distributed, teardown_distributed
     from .evaluation import predict_captions, predict_vqa, score_predictions, write_predictions
     from .tasks import make_task
-    from .distributed import amp_dtype, setup_distributed, teardown_distributed
 
+    model_dir, regions = options["model.model"], options["eval.regions"]
     meta = build.read_meta(model_dir)
-    task = task or meta.get("task")
+    task = options.get("task.name") or meta.get("task")
     if task not in ("caption", "vqa"):
         raise ValueError(f"pass --task caption|vqa (the model directory {model_dir} records "
                          f"task {meta.get('task')!r})")
-    layout = {k: meta[k] for k in ("max_text_len", "max_tag_len", "max_regions", "unique_tags")
-              if k in meta}
-    base = [f"data.{k}={json.dumps(v)}" for k, v in layout.items()]
-    opts = {"model": model_dir, "regions": regions, "task": task, **options}
-    cfg = _resolve_config(config_path, opts, [*base, f"eval.regions={regions}", *overrides])
+    # The model's input layout wins over the file and options; --set still wins over it.
+    layout = {f"data.{k}": meta[k] for k in ("max_text_len", "max_tag_len", "max_regions",
+                                             "unique_tags") if k in meta}
+    cfg = _resolve_config(config_path, {**options, "task.name": task, "data.regions": regions,
+                                        **layout}, overrides)
     if greedy:
         cfg.eval.beam_size = 1
     env = setup_distributed(cfg.train.device)
@@ -373,6 +367,7 @@ def _evaluate(model_dir, regions, task, greedy, output_dir, config_path, overrid
         t_predict = time.perf_counter() - t_predict
         if env.is_main:
             out = Path(output_dir)
+            save(cfg, out)
             pred_path = write_predictions(task, preds, out / f"predictions_{task}.json")
             scores = score_predictions(task, preds, refs, cfg.eval.spice)
             scores = {"task": task, "model": str(model_dir), "regions": str(regions),

@@ -1,7 +1,11 @@
-"""Training configuration: dataclasses with defaults, loaded from YAML, overridden from the
-command line with ``--set section.key=value``, saved resolved next to every run.
+"""Training configuration: dataclasses with defaults (the schema), loaded by
+:mod:`vlkd.common.config` (OmegaConf structured configs) and saved resolved next to every run.
 
-A config file mirrors :class:`RunConfig`'s sections::
+A run's config is, in this order (later wins): the defaults below, a YAML file (``--config``),
+the command's options (``--lr`` is ``optim.lr``; the options are generated from these fields,
+see :mod:`vlkd.train.cli`), then ``--set key=value`` overrides (the value parsed as YAML). Types
+are checked and unknown keys refused with the list of valid ones. A config file mirrors
+:class:`RunConfig`'s sections::
 
     model: {model: student, init_text: /models/MiniLM-L12-H384-uncased}
     data:  {regions: /data/coco-student, captions: /data/dataset_coco.json, batch_size: 64}
@@ -11,28 +15,23 @@ A config file mirrors :class:`RunConfig`'s sections::
     losses:                       # merged over the defaults of the task (and distill)
       hidden: {weight: 2.0, params: {queue_size: 8192}}
 
-``--set optim.lr=3e-5`` parses the value as YAML (numbers, booleans, lists, mappings) and
-checks it against the field's type. Every field is documented in docs/TRAIN.md.
+Mapping-valued fields (``losses``, ``model.config``) merge key by key, so a file or
+``--set losses.hidden.weight=2`` changes one loss weight without restating the term. Every
+field is documented in docs/TRAIN.md.
 """
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
+from vlkd.common import config as common_config
+from vlkd.common.config import ConfigError
 
 __all__ = ["ModelSpec", "DataConfig", "TaskConfig", "OptimConfig", "TrainConfig",
-           "DistillConfig", "EvalConfig", "RunConfig", "load_config", "apply_overrides",
-           "save_config", "config_to_dict", "ConfigError", "default_losses", "resolved_losses",
-           "deep_merge"]
-
-
-class ConfigError(ValueError):
-    """A config file or override does not fit the config schema."""
+           "DistillConfig", "EvalConfig", "RunConfig", "load_config", "ConfigError",
+           "default_losses", "resolved_losses"]
 
 
 @dataclass
@@ -246,7 +245,13 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    """Everything a ``vlkd-train`` run needs; its resolved form is ``<output_dir>/config.yaml``."""
+    """Everything a ``vlkd-train`` run needs; its resolved form is ``<output_dir>/config.yaml``.
+
+    Attributes:
+        losses: Loss terms ``{name: {type, weight, params}}``
+            (:class:`vlkd.train.losses.LossCombiner`), merged key by key over the defaults of
+            the task and command (see :func:`default_losses`).
+    """
 
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataConfig = field(default_factory=DataConfig)
@@ -255,8 +260,6 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    #: Loss terms ``{name: {type, weight, params}}`` (:class:`vlkd.train.losses.LossCombiner`),
-    #: merged key by key over the defaults of the task and command (see :func:`default_losses`).
     losses: dict = field(default_factory=dict)
 
 
@@ -311,188 +314,32 @@ def resolved_losses(cfg: "RunConfig", distill: bool) -> dict:
         if (isinstance(term, dict) and isinstance(old, dict) and "type" in term
                 and term["type"] != old.get("type")):
             base[name] = {k: v for k, v in old.items() if k != "params"}
-    return deep_merge(base, cfg.losses or {})
+    return _deep_merge(base, cfg.losses or {})
 
 
-def deep_merge(base: dict, update: dict) -> dict:
+def _deep_merge(base: dict, update: dict) -> dict:
     """A copy of ``base`` with ``update`` merged in, mapping by mapping."""
     out = dict(base)
     for k, v in update.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) \
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) \
             else v
     return out
 
 
-# --------------------------------------------------------------------------------------------
-def _field_types(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _coerce(value: Any, typ: Any, where: str) -> Any:
-    """Checks (and mildly converts) a YAML value against a field annotation."""
-    origin = typing.get_origin(typ)
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(typ):
-            if arg is type(None) and value is None:
-                return None
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{where}: {value!r} does not fit {typ}")
-    if dataclasses.is_dataclass(typ):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping of {typ.__name__} fields, found "
-                              f"{type(value).__name__} {value!r}")
-        return _build(typ, value, where)
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true or false, found {value!r}")
-    if typ is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{where}: expected an integer, found {value!r}")
-        return value
-    if typ is float:
-        if isinstance(value, str):
-            try:  # YAML 1.1 reads "3e-5" (no dot) as a string
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, found {value!r}")
-        return float(value)
-    if typ is str:
-        if value is None:
-            return ""
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{where}: expected a string, found {value!r}")
-        return str(value)
-    if typ in (list, dict) or origin in (list, dict):
-        base = origin or typ
-        if not isinstance(value, base):
-            raise ConfigError(f"{where}: expected a {base.__name__}, found {value!r}")
-        return value
-    return value
-
-
-def _build(cls, values: dict, where: str = ""):
-    """Builds dataclass ``cls`` from a mapping, refusing unknown keys (typos)."""
-    hints = _field_types(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"{where or cls.__name__}: unknown keys {unknown}; known keys: "
-                          f"{sorted(known)}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()}
-    return cls(**kwargs)
-
-
-def config_to_dict(cfg: Any) -> dict:
-    """A plain (YAML/JSON-ready) dict of a config dataclass."""
-    return dataclasses.asdict(cfg)
-
-
-def _is_free_dict(cls, name: str) -> bool:
-    typ = _field_types(cls)[name]
-    return typ is dict or typing.get_origin(typ) is dict
-
-
-def apply_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> RunConfig:
-    """Applies ``section.key=value`` overrides (value parsed as YAML) to a config.
-
-    Inside a mapping-valued field any key path is allowed: ``losses.hidden.weight=2.0``,
-    ``model.config.hidden_dropout=0``.
-
-    Raises:
-        ConfigError: malformed override, unknown key or wrongly typed value.
-    """
-    data = config_to_dict(cfg)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. optim.lr=3e-5")
-        key, raw = item.split("=", 1)
-        path = [p for p in key.strip().split(".")]
-        if not all(path):
-            raise ConfigError(f"--set {item!r}: empty key component")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from None
-        node, cls, free = data, RunConfig, False
-        for depth, part in enumerate(path):
-            last = depth == len(path) - 1
-            if not free:
-                known = {f.name for f in dataclasses.fields(cls)}
-                if part not in known:
-                    raise ConfigError(f"--set {item!r}: unknown key {'.'.join(path[:depth + 1])!r}"
-                                      f"; known here: {sorted(known)} (docs/TRAIN.md)")
-                typ = _field_types(cls)[part]
-                if last:
-                    node[part] = value
-                elif dataclasses.is_dataclass(typ):
-                    node, cls = node[part], typ
-                elif _is_free_dict(cls, part):
-                    node, free = node[part], True
-                else:
-                    raise ConfigError(f"--set {item!r}: {'.'.join(path[:depth + 1])!r} is a "
-                                      "value, not a section")
-            else:
-                if last:
-                    node[part] = value
-                else:
-                    if not isinstance(node.get(part), dict):
-                        node[part] = {}
-                    node = node[part]
-    return _build(RunConfig, data)
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                base: RunConfig | None = None) -> RunConfig:
-    """Reads a YAML config (missing keys keep their defaults) and applies overrides.
-
-    Mapping-valued fields (``losses``, ``model.config``) merge key by key, so a file can change
-    one loss weight without restating the term.
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (),
+                base: RunConfig | None = None, *, options: Mapping[str, Any] | None = None,
+                option_names: Mapping[str, str] | None = None) -> RunConfig:
+    """A :class:`RunConfig`: defaults (or ``base``) ← YAML file ← options ← ``--set`` overrides.
 
     Args:
         path: YAML file, or None for the defaults.
-        overrides: ``section.key=value`` strings.
+        overrides: ``section.key=value`` strings (value parsed as YAML).
         base: Defaults to start from (default: ``RunConfig()``).
+        options: Dotted key -> value of the command-line options given (None: not given).
+        option_names: Dotted key -> option flag, for error messages.
+
+    Raises:
+        ConfigError: unknown key, wrongly typed value, unreadable file.
     """
-    cfg = base or RunConfig()
-    if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; pass a YAML file with the "
-                              "sections model/data/task/optim/train/distill/eval/losses (see "
-                              "configs/train/)")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections, found {type(raw).__name__}")
-        data = config_to_dict(cfg)
-        for section, values in raw.items():
-            if section not in data:
-                raise ConfigError(f"{path}: unknown section {section!r}; known sections: "
-                                  f"{sorted(data)}")
-            if not isinstance(values, dict):
-                raise ConfigError(f"{path}: section {section!r} must be a mapping")
-            data[section] = deep_merge(data[section], values)
-        try:
-            cfg = _build(RunConfig, data)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
-    return apply_overrides(cfg, overrides) if overrides else cfg
-
-
-def save_config(cfg: RunConfig, directory: str | Path, name: str = "config.yaml") -> Path:
-    """Writes the resolved config as YAML (loadable again with :func:`load_config`)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    out = directory / name
-    out.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
-    return out
+    return common_config.load(RunConfig, path, options=options, overrides=overrides, base=base,
+                              option_names=option_names)
