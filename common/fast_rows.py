@@ -21,11 +21,14 @@ from .shard_format import RegionSetError
 __all__ = ["release_maps", "ContiguousRows", "ZarrShardedRows", "LibraryRows", "zarr_fast_meta"]
 
 class MapCache:
-    """Read-only memory maps of shard files, per process, least recently used dropped first.
+    """Read-only memory maps of shard files and typed views of them, per process, least
+    recently used map dropped first (with its views).
 
     Copying rows out of a map is cheaper than ``os.pread`` (no syscall and no page-cache lookup
     per call once mapped: ~19 vs ~24 us for a 230 KB image here), and it is what a raw
-    ``np.memmap`` read does.
+    ``np.memmap`` read does. A typed view of a whole feature block (an HDF5 contiguous dataset,
+    a zarr inner chunk) is made once and kept in :attr:`views`, so a read is a dictionary
+    lookup, a slice and the copy -- what a read of an ``np.memmap`` costs.
     Shards are immutable once finalised, so a mapping never sees its file shrink.
     """
 
@@ -33,20 +36,28 @@ class MapCache:
         self.max_open = max_open
         self._pid = os.getpid()
         self._maps: OrderedDict[str, mmap.mmap] = OrderedDict()
+        #: (file path, block key) -> typed ndarray view; cleared in place (readers hold it).
+        self.views: dict[tuple, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def _reset(self) -> None:
+        # A forked child inherits the parent's mappings; it maps its own files instead of
+        # sharing Python objects (and their bookkeeping) across processes.
+        self._maps = OrderedDict()
+        self.views.clear()
+        self._pid = os.getpid()
         self._lock = threading.Lock()
 
     def get(self, path: str) -> mmap.mmap:
         with self._lock:
             if self._pid != os.getpid():
-                # A forked child inherits the parent's mappings; map its own files instead of
-                # sharing Python objects (and their bookkeeping) across processes.
-                self._maps = OrderedDict()
-                self._pid = os.getpid()
+                self._reset()
             m = self._maps.pop(path, None)
             if m is None:
                 m = self._open(path)
                 while len(self._maps) >= self.max_open:
-                    old = self._maps.popitem(last=False)[1]
+                    old_path, old = self._maps.popitem(last=False)
+                    self._drop_views(old_path)
                     try:
                         old.close()
                     except BufferError:  # a view is still alive: let it go with its last user
@@ -54,10 +65,24 @@ class MapCache:
             self._maps[path] = m
             return m
 
+    def view(self, path: str, key, offset: int, shape: tuple, dtype: np.dtype) -> np.ndarray:
+        """The cached typed view ``key`` of ``path`` (made on first use, bounds checked)."""
+        v = self.views.get((path, key))
+        if v is None:
+            v = file_view(path, offset, shape, dtype)
+            v.flags.writeable = False
+            self.views[(path, key)] = v
+        return v
+
+    def _drop_views(self, prefix: str) -> None:
+        for k in [k for k in self.views if k[0].startswith(prefix)]:
+            del self.views[k]
+
     def forget(self, prefix: str) -> None:
-        """Drop the maps of files under ``prefix`` (before re-checking files that may have
-        changed on disk: a mapped file that shrinks would fault on access)."""
+        """Drop the maps (and views) of files under ``prefix`` (before re-checking files that
+        may have changed on disk: a mapped file that shrinks would fault on access)."""
         with self._lock:
+            self._drop_views(prefix)
             for path in [p for p in self._maps if p.startswith(prefix)]:
                 m = self._maps.pop(path)
                 try:
@@ -78,6 +103,10 @@ class MapCache:
 
 
 _MAPS = MapCache()
+#: The views of this process's maps (the same dict object for the life of the process).
+_VIEWS = _MAPS.views
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_MAPS._reset)
 
 
 def release_maps(path: str | Path) -> None:
@@ -100,19 +129,49 @@ def file_view(path: str, offset: int, shape: tuple, dtype: np.dtype) -> np.ndarr
 
 
 class ContiguousRows:
-    """Feature rows stored contiguously at ``offset`` in one file (HDF5 contiguous layout)."""
+    """Feature rows stored contiguously at ``offset`` in one file (HDF5 contiguous layout).
 
-    def __init__(self, path: str, offset: int | None, dtype: np.dtype, dim: int):
+    Args:
+        path: the file.
+        offset: byte offset of row 0 (None: storage never allocated, rows are zeros).
+        dtype, dim: the rows' dtype and width.
+        num_rows: rows in the dataset.
+    """
+
+    def __init__(self, path: str, offset: int | None, dtype: np.dtype, dim: int,
+                 num_rows: int = 0):
         self.path, self.offset, self.dtype, self.dim = path, offset, dtype, dim
+        self.num_rows = int(num_rows)
         self.row_bytes = dim * dtype.itemsize
+        self._key = (path, "rows")
+
+    def _whole(self) -> np.ndarray:
+        return _MAPS.view(self.path, "rows", self.offset, (self.num_rows, self.dim), self.dtype)
 
     def read(self, r0: int, r1: int) -> np.ndarray:
         if r1 <= r0:
             return np.empty((0, self.dim), dtype=self.dtype)
         if self.offset is None:  # storage never allocated: the fill value
             return np.zeros((r1 - r0, self.dim), dtype=self.dtype)
-        return file_view(self.path, self.offset + r0 * self.row_bytes, (r1 - r0, self.dim),
-                          self.dtype).copy()
+        if r0 < 0 or r1 > self.num_rows:
+            raise RegionSetError(f"{self.path}: rows {r0}:{r1} requested, the features hold "
+                                 f"{self.num_rows}; the offsets array is damaged -- run "
+                                 "`vlkd-extract validate` on the set and re-extract it")
+        v = _VIEWS.get(self._key)
+        if v is None:
+            v = self._whole()
+        return v[r0:r1].copy()
+
+    def read_into(self, out: np.ndarray, spans) -> None:
+        """Copy rows ``r0:r1`` of each ``(r0, r1, o0)`` in ``spans`` to ``out[o0:]``."""
+        v = _VIEWS.get(self._key)
+        if v is None:
+            v = self._whole()
+        for r0, r1, o0 in spans:
+            if r0 < 0 or r1 > self.num_rows:
+                raise RegionSetError(f"{self.path}: rows {r0}:{r1} requested, the features "
+                                     f"hold {self.num_rows}; the offsets array is damaged")
+            out[o0:o0 + r1 - r0] = v[r0:r1]
 
 
 class ZarrShardedRows:
@@ -133,6 +192,7 @@ class ZarrShardedRows:
         self.row_bytes = dim * dtype.itemsize
         self.chunks_per_shard = self.shard_rows // self.inner
         self._index: dict[int, list | None] = {}
+        self._layouts: dict[int, tuple | bool] = {}  # shard file -> _layout(s)
 
     def _file(self, s: int) -> str:
         key = f"c/{s}/0" if self.sep == "/" else f"c.{s}.0"
@@ -176,20 +236,52 @@ class ZarrShardedRows:
         self._index[s] = index
         return index
 
+    def _layout(self, s: int):
+        """``(view key, path, offset, rows)`` when zarr shard file ``s`` stores its inner
+        chunks in order, back to back (as vlkd writes them), so its rows are one contiguous
+        block; False otherwise (missing chunks, another order, no file)."""
+        st = self._layouts.get(s)
+        if st is not None:
+            return st
+        index = self._shard_index(s)
+        st = False
+        if index:
+            chunk_bytes = self.inner * self.row_bytes
+            present = 0
+            while present < len(index) and index[present] is not None:
+                present += 1
+            first = index[0]
+            if present and all(index[k] == first + k * chunk_bytes for k in range(present)) \
+                    and all(off is None for off in index[present:]):
+                path = self._file(s)
+                st = ((path, "rows"), path, first, present * self.inner)
+        self._layouts[s] = st
+        return st
+
     def read(self, r0: int, r1: int) -> np.ndarray:
         if r1 <= r0:
             return np.empty((0, self.dim), dtype=self.dtype)
-        # Fast case: the rows lie in one inner chunk (most single images).
+        # Fast case: the rows lie in one shard file whose chunks are back to back (every
+        # shard vlkd writes): one slice of a cached view, as for HDF5.
         s, rr = divmod(r0, self.shard_rows)
-        k, within = divmod(rr, self.inner)
-        if within + (r1 - r0) <= self.inner:
-            index = self._shard_index(s)
-            off = index[k] if index is not None else None
-            if off is None:
-                return np.full((r1 - r0, self.dim), self.fill, dtype=self.dtype)
-            return file_view(self._file(s), off + within * self.row_bytes,
-                              (r1 - r0, self.dim), self.dtype).copy()
+        st = self._layouts.get(s)
+        if st is None:
+            st = self._layout(s)
+        if st and rr + (r1 - r0) <= st[3]:
+            v = _VIEWS.get(st[0])
+            if v is None:
+                v = _MAPS.view(st[1], "rows", st[2], (st[3], self.dim), self.dtype)
+            return v[rr:rr + r1 - r0].copy()
         out = np.empty((r1 - r0, self.dim), dtype=self.dtype)
+        self._copy(out, 0, r0, r1)
+        return out
+
+    def read_into(self, out: np.ndarray, spans) -> None:
+        """Copy rows ``r0:r1`` of each ``(r0, r1, o0)`` in ``spans`` to ``out[o0:]``."""
+        for r0, r1, o0 in spans:
+            self._copy(out, o0, r0, r1)
+
+    def _copy(self, out: np.ndarray, o0: int, r0: int, r1: int) -> None:
         rb = self.row_bytes
         r = r0
         while r < r1:
@@ -199,7 +291,7 @@ class ZarrShardedRows:
             index = self._shard_index(s)
             off = index[k] if index is not None else None
             if off is None:
-                out[r - r0:r - r0 + n] = self.fill
+                out[o0 + r - r0:o0 + r - r0 + n] = self.fill
                 r += n
                 continue
             start = off + within * rb
@@ -210,9 +302,9 @@ class ZarrShardedRows:
                 k += 1
                 off = index[k]
                 n += min(r1 - r - n, self.inner)
-            out[r - r0:r - r0 + n] = file_view(self._file(s), start, (n, self.dim), self.dtype)
+            out[o0 + r - r0:o0 + r - r0 + n] = file_view(self._file(s), start, (n, self.dim),
+                                                         self.dtype)
             r += n
-        return out
 
 
 class LibraryRows:
@@ -238,6 +330,10 @@ class LibraryRows:
 
     def read(self, r0: int, r1: int) -> np.ndarray:
         return np.asarray(self._open()[r0:r1])
+
+    def read_into(self, out: np.ndarray, spans) -> None:
+        for r0, r1, o0 in spans:
+            out[o0:o0 + r1 - r0] = self.read(r0, r1)
 
 
 def zarr_fast_meta(array_dir: Path, dim: int) -> dict | None:

@@ -64,7 +64,7 @@ def tool_version() -> str:
 
 # --------------------------------------------------------------------------- the image record
 
-@dataclass
+@dataclass(slots=True)
 class ImageRegions:
     """One image's regions as stored.
 

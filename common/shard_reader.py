@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -44,6 +44,9 @@ class ShardData:
         # each and int() conversions add up at tens of thousands of reads per second).
         self.offsets_list = self.offsets.tolist()
         self.hw_list = [tuple(hw) for hw in self.image_hw.tolist()]
+        # One bytes object each: a record's digests are 16-byte slices of them.
+        self.box_digest_bytes = self.box_digests.tobytes()
+        self.image_digest_bytes = self.image_digests.tobytes()
         self.id_to_pos: dict[str, int] | None = None
 
     def _set_small(self, get):
@@ -79,10 +82,10 @@ class ShardData:
                           and ds.dtype.byteorder in "<=|")
                 if direct:
                     self.rows = ContiguousRows(str(self.path), offset, self.feature_dtype,
-                                                self.feature_dim)
+                                               self.feature_dim, ds.shape[0])
                 elif ds.shape[0] == 0:
                     self.rows = ContiguousRows(str(self.path), None, self.feature_dtype,
-                                                self.feature_dim)
+                                               self.feature_dim, 0)
                 else:
                     self.rows = LibraryRows(self.path, "hdf5")
         except RegionSetError:
@@ -219,23 +222,55 @@ class ShardReader:
         o = self.data.offsets
         return self.features_rows(int(o[a]), int(o[b]))
 
-    def _record(self, d: ShardData, i: int, r0: int, r1: int,
-                features: np.ndarray) -> ImageRegions:
-        return ImageRegions(
-            image_id=d.image_ids[i], image_hw=d.hw_list[i],
-            boxes=d.boxes[r0:r1], scores=d.scores[r0:r1], classes=d.classes[r0:r1],
-            features=features,
-            box_digest=d.box_digests[i].tobytes(), image_digest=d.image_digests[i].tobytes())
+    @staticmethod
+    def _record(d: ShardData, i: int, r0: int, r1: int, features: np.ndarray) -> ImageRegions:
+        j = 16 * i
+        return ImageRegions(d.image_ids[i], d.hw_list[i], d.boxes[r0:r1], d.scores[r0:r1],
+                            d.classes[r0:r1], features, d.box_digest_bytes[j:j + 16],
+                            d.image_digest_bytes[j:j + 16])
 
     def read(self, i: int) -> ImageRegions:
         """Image ``i`` of this shard (one feature read)."""
-        d = self._data if self._data is not None else self.data
+        d = self._data
+        if d is None:
+            d = self.data
         if i < 0:
             i += d.num_images
         if not 0 <= i < d.num_images:
             raise IndexError(f"image {i} outside 0:{d.num_images} of {self.path.name}")
-        r0, r1 = d.offsets_list[i], d.offsets_list[i + 1]
+        o = d.offsets_list
+        r0, r1 = o[i], o[i + 1]
         return self._record(d, i, r0, r1, d.rows.read(r0, r1))
+
+    def read_many(self, positions, out: np.ndarray | None = None, start: int = 0
+                  ) -> list[ImageRegions]:
+        """Images at ``positions`` (any order), their feature rows copied in one pass into one
+        array; each image's features are a view of it (keep that in mind before holding one
+        image's features for long: the view keeps the whole batch alive).
+
+        Args:
+            positions: image positions in this shard.
+            out: copy into rows ``start:`` of this array instead of a new one.
+        """
+        d = self._data
+        if d is None:
+            d = self.data
+        o, n = d.offsets_list, d.num_images
+        spans, at = [], start
+        for i in positions:
+            if not 0 <= i < n:
+                raise IndexError(f"image {i} outside 0:{n} of {self.path.name}")
+            r0, r1 = o[i], o[i + 1]
+            spans.append((r0, r1, at))
+            at += r1 - r0
+        if out is None:
+            if start:
+                raise ValueError("read_many: start needs out")
+            out = np.empty((at, d.feature_dim), dtype=d.feature_dtype)
+        d.rows.read_into(out, spans)
+        rec = self._record
+        return [rec(d, i, r0, r1, out[o0:o0 + r1 - r0])
+                for i, (r0, r1, o0) in zip(positions, spans)]
 
     def read_range(self, a: int, b: int) -> list[ImageRegions]:
         """Images ``a:b`` with one feature read; each image's features are views of it."""
@@ -301,22 +336,59 @@ class RegionSet:
         for shard in self.shards:
             yield from shard
 
+    def _build_lookup(self) -> dict[str, tuple[int, int]]:
+        lookup = {}
+        for s, shard in enumerate(self.shards):
+            for i, key in enumerate(shard.image_ids):
+                lookup[key] = (s, i)
+        self._lookup = lookup
+        return lookup
+
     def locate(self, image_id: str) -> tuple[int, int]:
         """(position in ``shards``, image position in that shard); KeyError if absent."""
-        if self._lookup is None:
-            lookup = {}
-            for s, shard in enumerate(self.shards):
-                for i, key in enumerate(shard.image_ids):
-                    lookup[key] = (s, i)
-            self._lookup = lookup
+        lookup = self._lookup if self._lookup is not None else self._build_lookup()
         try:
-            return self._lookup[image_id]
+            return lookup[image_id]
         except KeyError:
             raise KeyError(f"image {image_id!r} is not in region set {self.path}") from None
 
     def get(self, image_id: str) -> ImageRegions:
-        s, i = self.locate(image_id)
+        """One image's regions (its features a fresh array in the stored dtype)."""
+        lookup = self._lookup if self._lookup is not None else self._build_lookup()
+        try:
+            s, i = lookup[image_id]
+        except KeyError:
+            raise KeyError(f"image {image_id!r} is not in region set {self.path}") from None
         return self.shards[s].read(i)
+
+    def get_many(self, image_ids: Sequence[str]) -> list[ImageRegions]:
+        """Several images by id, in the order given, with one pass of copies into one feature
+        array: each image's features are a view of it (a batch read by a loader).
+
+        Raises:
+            KeyError: an id is not in the set.
+        """
+        lookup = self._lookup if self._lookup is not None else self._build_lookup()
+        try:
+            locs = [lookup[k] for k in image_ids]
+        except KeyError as e:
+            raise KeyError(f"image {e.args[0]!r} is not in region set {self.path}") from None
+        by_shard: dict[int, list[int]] = {}
+        for j, (s, _) in enumerate(locs):
+            by_shard.setdefault(s, []).append(j)
+        total = 0
+        for s, js in by_shard.items():
+            o = self.shards[s].data.offsets_list
+            total += sum(o[locs[j][1] + 1] - o[locs[j][1]] for j in js)
+        out = np.empty((total, self.feature_dim), dtype=self.feature_dtype)
+        records: list = [None] * len(locs)
+        at = 0
+        for s, js in by_shard.items():
+            got = self.shards[s].read_many([locs[j][1] for j in js], out=out, start=at)
+            for j, r in zip(js, got):
+                records[j] = r
+                at += r.num_regions
+        return records
 
     def __contains__(self, image_id: object) -> bool:
         try:

@@ -457,3 +457,63 @@ def test_format_doc_snippets_read_a_real_set(tmp_path, backend):
     exec(code.replace('"path/to/set"', repr(str(tmp_path))), scope)
     np.testing.assert_array_equal(scope["features"], images[-1]["features"])
     np.testing.assert_array_equal(scope["boxes"], images[-1]["boxes"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_get_many_equals_get_in_the_order_asked(tmp_path, backend):
+    """A batch read by id returns, in the order asked, what one read per id returns, across
+    shards, with repeats and empty images; its features share one array."""
+    import vlkd.common.staging as rsmod  # small zarr chunks: reads straddle chunk files
+    images = make_images(3, [4, 0, 7, 1, 30, 2, 5, 9, 0, 3] * 3, 8)
+    old = (rsmod.ZARR_INNER_CHUNK_BYTES, rsmod.ZARR_INNER_CHUNKS_PER_SHARD)
+    rsmod.ZARR_INNER_CHUNK_BYTES, rsmod.ZARR_INNER_CHUNKS_PER_SHARD = 5 * 8 * 2, 3
+    try:
+        write_set(tmp_path, images, backend=backend, dim=8, num_shards=3)
+    finally:
+        rsmod.ZARR_INNER_CHUNK_BYTES, rsmod.ZARR_INNER_CHUNKS_PER_SHARD = old
+    rs = RegionSet(tmp_path)
+    rng = np.random.default_rng(0)
+    ids = [images[i]["image_id"] for i in rng.integers(0, len(images), 40)] + \
+        [images[1]["image_id"], images[4]["image_id"], images[4]["image_id"]]
+    got = rs.get_many(ids)
+    assert [g.image_id for g in got] == ids
+    by_id = {im["image_id"]: im for im in images}
+    for g in got:
+        one = rs.get(g.image_id)
+        want = by_id[g.image_id]
+        np.testing.assert_array_equal(g.features, want["features"])
+        np.testing.assert_array_equal(g.features, one.features)
+        for name in ("boxes", "scores", "classes"):
+            np.testing.assert_array_equal(getattr(g, name), getattr(one, name))
+        assert (g.box_digest, g.image_digest, g.image_hw) == \
+            (one.box_digest, one.image_digest, one.image_hw)
+    bases = {id(g.features.base) for g in got if g.num_regions}
+    assert len(bases) == 1  # one feature array for the whole batch
+    with pytest.raises(KeyError, match="'nope' is not in region set"):
+        rs.get_many([ids[0], "nope"])
+    assert rs.get_many([]) == []
+
+
+def test_released_maps_drop_their_views_and_a_fork_reads_its_own(tmp_path):
+    """release_maps forgets the cached views (so pages can be unmapped); a forked child, which
+    inherits the parent's caches, maps the files itself and reads the same rows."""
+    from vlkd.common import fast_rows
+
+    images = make_images(4, [6, 3, 8], 8)
+    write_set(tmp_path, images, backend="hdf5", dim=8)
+    rs = RegionSet(tmp_path)
+    first = rs.get(images[2]["image_id"]).features
+    path = str(rs.shards[0].path)
+    assert any(k[0] == path for k in fast_rows._VIEWS)
+    rs.shards[0].release_maps()
+    assert not any(k[0] == path for k in fast_rows._VIEWS)
+    np.testing.assert_array_equal(rs.get(images[2]["image_id"]).features, first)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: its caches start empty, then it reads
+        ok = not fast_rows._VIEWS and np.array_equal(rs.get(images[2]["image_id"]).features,
+                                                      images[2]["features"])
+        os.write(w, b"1" if ok else b"0")
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(r, 1) == b"1"
