@@ -10,7 +10,8 @@ All digests are blake2b with a 16-byte (128-bit) output:
 - the shard content digest (:class:`ShardDigest`, :func:`content_digest`,
   :func:`reader_content_digest`): every array of a shard, in :data:`ARRAY_NAMES` order, each
   as its ASCII name, a newline, then its bytes (ids as :func:`encode_ids`, every other array as
-  C-ordered little-endian bytes of its stored dtype). Backend and chunking do not enter it, so
+  C-ordered little-endian bytes of its stored dtype), then the shard's optional arrays the same
+  way in sorted name order. Backend and chunking do not enter it, so
   an HDF5 and a zarr shard with equal arrays have equal digests;
 - :func:`manifest_digest`: a manifest's canonical JSON (sorted keys, no whitespace);
   :func:`stable_manifest_digest`: the same without the keys that grow while a set's shards are
@@ -87,16 +88,22 @@ def decode_ids(raw: bytes, n: int) -> list[str]:
 class ShardDigest:
     """The shard content digest (the manifest's per-shard ``digest``), fed array by array.
 
-    Arrays must be fed in :data:`ARRAY_NAMES` order (``begin`` refuses another); ``features``
-    may come in pieces. Prefer :func:`content_digest`, which feeds a whole shard.
+    Arrays must be fed in :data:`ARRAY_NAMES` order, then the shard's optional arrays
+    (``extras``) in sorted name order (``begin`` refuses another); ``features`` may come in
+    pieces. Prefer :func:`content_digest`, which feeds a whole shard.
+
+    Args:
+        extras: the names of the shard's optional arrays (none: the digest of a shard without
+            them, as in schema version 1).
     """
 
-    def __init__(self):
+    def __init__(self, extras: Sequence[str] = ()):
         self._h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+        self._order = ARRAY_NAMES + tuple(sorted(extras))
         self._next = 0
 
     def begin(self, name: str) -> None:
-        expected = ARRAY_NAMES[self._next] if self._next < len(ARRAY_NAMES) else None
+        expected = self._order[self._next] if self._next < len(self._order) else None
         if name != expected:
             raise RuntimeError(f"shard digest: expected array {expected!r}, got {name!r}")
         self._next += 1
@@ -112,13 +119,14 @@ class ShardDigest:
         self.feed(data)
 
     def hexdigest(self) -> str:
-        if self._next != len(ARRAY_NAMES):
+        if self._next != len(self._order):
             raise RuntimeError("shard digest: not every array was fed")
         return self._h.hexdigest()
 
 
 def content_digest(ids: Sequence[str] | bytes, arrays: Mapping[str, np.ndarray],
-                   feature_blocks: Iterable[np.ndarray]) -> str:
+                   feature_blocks: Iterable[np.ndarray],
+                   extras: Mapping[str, np.ndarray] | None = None) -> str:
     """The shard content digest of a shard's arrays.
 
     Args:
@@ -128,17 +136,22 @@ def content_digest(ids: Sequence[str] | bytes, arrays: Mapping[str, np.ndarray],
             ``image_digest``) in its stored dtype.
         feature_blocks: the feature rows in order, in any number of pieces (consumed once:
             a generator that also checks or writes each block works).
+        extras: the shard's optional per-region arrays by name (fed after the features, in
+            sorted name order).
 
     Returns:
         The hex digest.
     """
-    d = ShardDigest()
+    extras = extras or {}
+    d = ShardDigest(extras)
     d.add("image_ids", ids if isinstance(ids, (bytes, bytearray, memoryview)) else encode_ids(ids))
     for name in ARRAY_NAMES[1:-1]:
         d.add(name, np.ascontiguousarray(arrays[name]))
     d.begin("features")
     for block in feature_blocks:
         d.feed(block)
+    for name in sorted(extras):
+        d.add(name, np.ascontiguousarray(extras[name]))
     return d.hexdigest()
 
 
@@ -162,7 +175,7 @@ def reader_content_digest(reader, feature_blocks: Iterable[np.ndarray] | None = 
               "scores": reader.scores, "classes": reader.classes,
               "box_digest": reader.box_digests, "image_digest": reader.image_digests}
     blocks = reader_feature_blocks(reader) if feature_blocks is None else feature_blocks
-    return content_digest(reader.image_ids, arrays, blocks)
+    return content_digest(reader.image_ids, arrays, blocks, getattr(reader, "extras", None))
 
 
 def manifest_digest(manifest: Mapping) -> str:

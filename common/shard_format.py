@@ -2,13 +2,17 @@
 and :class:`ImageRegions`, one image's regions as stored (docs/FORMAT.md)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
 
 import numpy as np
 
 __all__ = ["BACKENDS", "FEATURE_DTYPES", "SHARD_FORMAT", "ZARR_INNER_CHUNK_BYTES",
            "ZARR_INNER_CHUNKS_PER_SHARD", "RegionSetError", "ShardLockedError", "shard_name",
-           "check_feature_dtype", "tool_version", "ImageRegions"]
+           "check_feature_dtype", "tool_version", "ImageRegions", "EXTRA_ARRAYS", "EXTRA_DTYPES",
+           "check_extras", "NO_EXTRAS"]
 
 BACKENDS = {"hdf5": ".h5", "zarr": ".zarr"}
 FEATURE_DTYPES = ("float16", "float32")
@@ -18,6 +22,20 @@ SHARD_FORMAT = "vlkd-region-shard"
 #: chunks per shard file (~64 MiB). See docs/FORMAT.md, "Chunking", for the measurements.
 ZARR_INNER_CHUNK_BYTES = 1 << 20
 ZARR_INNER_CHUNKS_PER_SHARD = 64
+
+
+#: Optional per-region arrays a set may carry besides the required ones (docs/FORMAT.md,
+#: "Optional arrays"): the names vlkd writes, and what they hold. A set declares those it has
+#: as ``extras: {name: [dtype, width]}`` in its manifest and shard attributes; each is an
+#: ``(R, width)`` array, row r describing box r.
+EXTRA_ARRAYS = {
+    "attr_ids": "attribute ids of the box, best first (-1: no attribute in that slot)",
+    "attr_scores": "the scores of attr_ids (0 where the id is -1)",
+}
+EXTRA_DTYPES = ("int32", "float32", "float16", "uint8")
+_EXTRA_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+#: The (empty, read-only) extras of a record from a set without optional arrays.
+NO_EXTRAS: Mapping[str, np.ndarray] = MappingProxyType({})
 
 
 class RegionSetError(RuntimeError):
@@ -45,6 +63,33 @@ def shard_name(index: int, num_shards: int, backend: str) -> str:
     if not 0 <= index < num_shards:
         raise ValueError(f"shard index {index} outside 0..{num_shards - 1}")
     return f"shard-{index:05d}-of-{num_shards:05d}{BACKENDS[backend]}"
+
+
+def check_extras(spec: Mapping | None) -> dict[str, list]:
+    """Normalise an optional-arrays declaration to ``{name: [dtype name, width]}``, sorted.
+
+    Raises:
+        ValueError: a bad name (lower-case identifier, not a required array), dtype or width.
+    """
+    from .digest import ARRAY_NAMES
+
+    out: dict[str, list] = {}
+    for name, value in sorted((spec or {}).items()):
+        try:
+            dtype, width = value
+            dt, width = np.dtype(dtype).name, int(width)
+        except (TypeError, ValueError):
+            raise ValueError(f"optional array {name!r}: expected (dtype, width), got "
+                             f"{value!r}") from None
+        if not _EXTRA_NAME.match(str(name)) or name in ARRAY_NAMES or name == "counts":
+            raise ValueError(f"optional array name {name!r} must be a lower-case identifier of "
+                             f"at most 32 characters and not one of {ARRAY_NAMES}")
+        if dt not in EXTRA_DTYPES:
+            raise ValueError(f"optional array {name!r}: dtype {dt} is not one of {EXTRA_DTYPES}")
+        if width < 1:
+            raise ValueError(f"optional array {name!r}: width must be >= 1, got {width}")
+        out[str(name)] = [dt, width]
+    return out
 
 
 def check_feature_dtype(feature_dtype) -> np.dtype:
@@ -77,6 +122,8 @@ class ImageRegions:
         features: (n, D) in the stored dtype (float16 by default).
         box_digest: 16 bytes, ``box_digest(boxes)``.
         image_digest: 16 bytes (zeros if unknown).
+        extras: the set's optional per-region arrays (e.g. ``attr_ids`` (n, k)), by name;
+            empty for a set without them.
 
     Arrays returned by a reader are read-only views of the shard's in-memory arrays (features
     are a fresh array); copy before modifying.
@@ -90,6 +137,7 @@ class ImageRegions:
     features: np.ndarray
     box_digest: bytes
     image_digest: bytes
+    extras: Mapping[str, np.ndarray] = field(default_factory=lambda: NO_EXTRAS)
 
     @property
     def num_regions(self) -> int:

@@ -16,7 +16,7 @@ import numpy as np
 
 from .fast_rows import ContiguousRows, LibraryRows, ZarrShardedRows, release_maps, zarr_fast_meta
 from .manifest import ManifestError, read_manifest
-from .shard_format import FEATURE_DTYPES, ImageRegions, RegionSetError
+from .shard_format import FEATURE_DTYPES, NO_EXTRAS, ImageRegions, RegionSetError, check_extras
 
 __all__ = ["ShardReader", "RegionSet"]
 
@@ -50,6 +50,9 @@ class ShardData:
         self.id_to_pos: dict[str, int] | None = None
 
     def _set_small(self, get):
+        self.extras = {}
+        for name, (dt, k) in check_extras(self.attrs.get("extras")).items():
+            self.extras[name] = _read_only(np.asarray(get(name), dtype=dt).reshape(-1, k))
         self.image_hw = _read_only(np.asarray(get("image_hw"), dtype=np.int32).reshape(-1, 2))
         self.offsets = _read_only(np.asarray(get("offsets"), dtype=np.int64))
         self.boxes = _read_only(np.asarray(get("boxes"), dtype=np.float32).reshape(-1, 4))
@@ -127,7 +130,7 @@ def _decode_attrs(attrs: dict) -> dict:
             value = value.decode("utf-8")
         elif isinstance(value, np.generic):
             value = value.item()
-        if key in ("failures", "extra") and isinstance(value, str):
+        if key in ("failures", "extra", "extras") and isinstance(value, str):
             try:
                 value = json.loads(value)
             except ValueError:
@@ -181,6 +184,8 @@ class ShardReader:
     attrs = property(lambda self: self.data.attrs)
     backend = property(lambda self: self.data.backend)
     num_regions = property(lambda self: self.data.num_regions)
+    #: The shard's optional per-region arrays, ``{name: (R, width)}`` (empty for none).
+    extras = property(lambda self: self.data.extras)
 
     @property
     def index(self) -> int:
@@ -227,7 +232,9 @@ class ShardReader:
         j = 16 * i
         return ImageRegions(d.image_ids[i], d.hw_list[i], d.boxes[r0:r1], d.scores[r0:r1],
                             d.classes[r0:r1], features, d.box_digest_bytes[j:j + 16],
-                            d.image_digest_bytes[j:j + 16])
+                            d.image_digest_bytes[j:j + 16],
+                            {k: a[r0:r1] for k, a in d.extras.items()} if d.extras
+                            else NO_EXTRAS)
 
     def read(self, i: int) -> ImageRegions:
         """Image ``i`` of this shard (one feature read)."""
@@ -316,6 +323,8 @@ class RegionSet:
         self.feature_dim = int(m["feature_dim"])
         self.feature_dtype = np.dtype(m["feature_dtype"])
         self.class_names = list(m.get("class_names", []))
+        #: optional per-region arrays of the set: ``{name: [dtype, width]}``.
+        self.extras = check_extras(m.get("extras"))
         self.num_shards = int(m.get("num_shards", len(self.shards)))
         self._lookup: dict[str, tuple[int, int]] | None = None
 

@@ -11,8 +11,8 @@ import numpy as np
 from .digest import DIGEST_SIZE, box_digest
 from .locking import FileLock, LockHeldError, describe_holder
 from .manifest import SCHEMA_VERSION, fsync_dir, update_manifest
-from .shard_format import (BACKENDS, RegionSetError, ShardLockedError, check_feature_dtype,
-                           shard_name)
+from .shard_format import (BACKENDS, RegionSetError, ShardLockedError, check_extras,
+                           check_feature_dtype, shard_name)
 from .shard_reader import ShardReader
 from .staging import Staging, build_shard, shard_size
 
@@ -33,6 +33,9 @@ class ShardWriter:
         attrs: extra JSON-serialisable attributes stored with the shard (attribute ``extra``).
         durable: fsync every commit, so a commit also survives a machine crash, not only a
             killed process (False only for throwaway sets).
+        extras: optional per-region arrays of the set, ``{name: (dtype, width)}`` (e.g.
+            ``{"attr_ids": ("int32", 5), "attr_scores": ("float32", 5)}``); every ``append``
+            then passes each of them. docs/FORMAT.md, "Optional arrays".
 
     The writer stages rows under ``<final name>.partial/`` and holds ``<final name>.lock``
     (host, pid) while open; a second live writer gets ``ShardLockedError`` naming the holder.
@@ -47,7 +50,8 @@ class ShardWriter:
 
     def __init__(self, set_dir: str | os.PathLike, shard_index: int, num_shards: int, *,
                  backend: str = "hdf5", feature_dim: int, feature_dtype="float16",
-                 commit_every: int = 64, attrs: dict | None = None, durable: bool = True):
+                 commit_every: int = 64, attrs: dict | None = None, durable: bool = True,
+                 extras: dict | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
         if int(feature_dim) < 1:
@@ -70,9 +74,12 @@ class ShardWriter:
             raise ValueError(f"attrs must be JSON-serialisable (plain str/int/float/bool/list/"
                              f"dict; convert numpy values with .item() or .tolist()): {e}") from None
         self.durable = durable
+        self.extras = check_extras(extras)
         self._config = {"backend": backend, "feature_dim": self.feature_dim,
                         "feature_dtype": self.feature_dtype.name,
                         "shard_index": self.index, "num_shards": self.num_shards}
+        if self.extras:  # absent for sets without optional arrays (their records unchanged)
+            self._config["extras"] = self.extras
         self._pending: list[tuple] = []
         self._pending_failures: list[dict] = []
         self._seen: set[str] = set()
@@ -110,8 +117,9 @@ class ShardWriter:
         reader = ShardReader(self.path)
         attrs = reader.attrs
         for key, want in (("feature_dim", self.feature_dim),
-                          ("feature_dtype", self.feature_dtype.name)):
-            if attrs.get(key) != want:
+                          ("feature_dtype", self.feature_dtype.name),
+                          ("extras", self.extras)):
+            if attrs.get(key, {} if key == "extras" else None) != want:
                 raise RegionSetError(
                     f"{self.path} already exists with {key}={attrs.get(key)!r}, but this "
                     f"writer has {key}={want!r}; delete the shard (and its manifest entry) "
@@ -139,7 +147,8 @@ class ShardWriter:
 
     # ---- writing
     def append(self, image_id: str, image_hw, boxes, scores, classes, features,
-               image_digest: bytes = b"\0" * DIGEST_SIZE) -> None:
+               image_digest: bytes = b"\0" * DIGEST_SIZE,
+               extras: dict | None = None) -> None:
         """Add one image with n >= 0 regions.
 
         Args:
@@ -150,6 +159,7 @@ class ShardWriter:
             classes: (n,) class indices (int32).
             features: (n, D) region features; cast to the shard's feature dtype.
             image_digest: 16 bytes identifying the image file (zeros if unknown).
+            extras: the set's optional arrays for this image, ``{name: (n, width)}``.
         """
         self._check_writable()
         if not isinstance(image_id, str):
@@ -191,10 +201,32 @@ class ShardWriter:
             raise ValueError(f"{image_id}: image_digest must be {DIGEST_SIZE} bytes, got "
                              f"{len(image_digest)}")
         self._pending.append((image_id, hw, boxes, scores, classes, features,
-                              box_digest(boxes), image_digest))
+                              box_digest(boxes), image_digest, self._extras_of(image_id, n, extras)))
         self._seen.add(image_id)
         if len(self._pending) >= self.commit_every:
             self.commit()
+
+    def _extras_of(self, image_id: str, n: int, given: dict | None) -> dict[str, np.ndarray]:
+        given = dict(given or {})
+        if set(given) != set(self.extras):
+            raise ValueError(f"{image_id}: the set's optional arrays are "
+                             f"{sorted(self.extras) or 'none'}, got {sorted(given) or 'none'}; "
+                             "pass exactly the ones the writer was opened with (extras=...)")
+        out = {}
+        for name, (dt, k) in self.extras.items():
+            a = np.asarray(given[name])
+            if a.size == 0:
+                a = a.reshape(0, k)
+            if a.ndim == 1 and k == 1:
+                a = a.reshape(-1, 1)
+            if a.shape != (n, k):
+                raise ValueError(f"{image_id}: optional array {name} must have shape ({n}, {k}) "
+                                 f"(one row per box), got {a.shape}")
+            if np.dtype(dt).kind in "iu" and a.size and not np.issubdtype(a.dtype, np.integer):
+                raise ValueError(f"{image_id}: optional array {name} must hold integers, got "
+                                 f"{a.dtype}")
+            out[name] = np.ascontiguousarray(a, dtype=np.dtype(dt).newbyteorder("<"))
+        return out
 
     def add_failure(self, image_id: str, reason: str) -> None:
         """Record an image that could not be processed (kept in the shard and the manifest)."""
@@ -252,6 +284,14 @@ class ShardWriter:
 
     def _record_in_manifest(self, m: dict) -> dict:
         m.setdefault("schema_version", SCHEMA_VERSION)
+        if m.get("extras", {}) != self.extras and m.get("shards"):
+            raise RegionSetError(
+                f"{self.set_dir}/manifest.json declares optional arrays "
+                f"{m.get('extras', {})} but shard {self.name} was written with {self.extras}; "
+                "all shards of a set must agree -- write this shard into a new set directory "
+                "or re-run with the set's options")
+        if self.extras:
+            m["extras"] = self.extras
         for key, value in (("backend", self.backend), ("feature_dim", self.feature_dim),
                            ("feature_dtype", self.feature_dtype.name),
                            ("num_shards", self.num_shards)):

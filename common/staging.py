@@ -44,6 +44,11 @@ _STAGING = {
 _COMMIT = "commit.json"
 
 
+def _extra_file(name: str) -> str:
+    """Staging file (without .bin) of optional array ``name``."""
+    return f"extra.{name}"
+
+
 class Staging:
     """The ``<shard>.partial/`` directory: append-only files + the commit record.
 
@@ -55,6 +60,9 @@ class Staging:
     def __init__(self, path: Path, config: dict):
         self.path = path
         self.config = config
+        #: optional arrays: name -> (little-endian dtype, width)
+        self.extras = {name: (np.dtype(dt).newbyteorder("<"), int(k))
+                       for name, (dt, k) in (config.get("extras") or {}).items()}
         self.feature_dtype = np.dtype(config["feature_dtype"]).newbyteorder("<")
         self.row_bytes = config["feature_dim"] * self.feature_dtype.itemsize
         self.num_images = 0
@@ -69,6 +77,8 @@ class Staging:
         sizes = {"ids": ids_bytes, "features": r * self.row_bytes}
         for name, (dt, k, per) in _STAGING.items():
             sizes[name] = (n if per == "N" else r) * k * np.dtype(dt).itemsize
+        for name, (dt, k) in self.extras.items():
+            sizes[_extra_file(name)] = r * k * dt.itemsize
         return sizes
 
     def file(self, name: str) -> Path:
@@ -92,11 +102,12 @@ class Staging:
                 f"{self.path} is a partial shard without a readable {_COMMIT} ({e}); delete "
                 f"the directory {self.path} and re-run to write the shard from the start"
             ) from None
-        for key in ("backend", "feature_dim", "feature_dtype", "shard_index", "num_shards"):
-            if record.get(key) != self.config[key]:
+        for key in ("backend", "feature_dim", "feature_dtype", "shard_index", "num_shards",
+                    "extras"):
+            if record.get(key) != self.config.get(key):
                 raise RegionSetError(
                     f"{self.path}: the partial shard was written with {key}="
-                    f"{record.get(key)!r} but this writer has {key}={self.config[key]!r}; "
+                    f"{record.get(key)!r} but this writer has {key}={self.config.get(key)!r}; "
                     f"re-run with the original options, or delete {self.path} to start over")
         n, r, ids_bytes = record["num_images"], record["num_regions"], record["ids_bytes"]
         for name, size in self._expected_sizes(n, r, ids_bytes).items():
@@ -143,6 +154,11 @@ class Staging:
                 for p in pending:
                     if p[j].size:
                         f.write(p[j].data)
+            for name in self.extras:
+                f = self._files[_extra_file(name)]
+                for p in pending:
+                    if p[8][name].size:
+                        f.write(p[8][name].data)
             self.num_images += len(pending)
             self.num_regions += int(counts.sum())
             self.ids_bytes += len(ids)
@@ -171,6 +187,11 @@ class Staging:
             a = np.fromfile(self.file(name), dtype=dt)
             out[name] = a.reshape(-1, k) if k > 1 else a
         return out
+
+    def read_extras(self) -> dict[str, np.ndarray]:
+        """The optional arrays, ``(R, width)`` each."""
+        return {name: np.fromfile(self.file(_extra_file(name)), dtype=dt).reshape(-1, k)
+                for name, (dt, k) in self.extras.items()}
 
     def feature_blocks(self, rows_per_block: int) -> Iterator[tuple[int, np.ndarray]]:
         with open(self.file("features"), "rb") as f:
@@ -214,6 +235,8 @@ def _shard_attrs(config: dict, n: int, r: int, digest: str, failures: list[dict]
         "failures": json.dumps(failures, ensure_ascii=False),
         "extra": json.dumps(extra, ensure_ascii=False, sort_keys=True),
         "tool_version": tool_version(),
+        **({"extras": json.dumps(config["extras"], sort_keys=True)} if config.get("extras")
+           else {}),
     }
 
 
@@ -235,6 +258,7 @@ def build_shard(staging: Staging, out: Path, extra: dict) -> dict:
         "image_digest": small["image_digest"],
     }
     ids_bytes = staging.file("ids").read_bytes()
+    extras = staging.read_extras()
 
     def written(blocks, write):
         """The feature blocks, each written as it passes on to the digest."""
@@ -260,7 +284,9 @@ def build_shard(staging: Staging, out: Path, extra: dict) -> dict:
             ds = f.create_dataset("features", shape=(r, d), dtype=dt)
             blocks = written(staging.feature_blocks(rows_per_block),
                              lambda start, b: ds.__setitem__(slice(start, start + len(b)), b))
-            digest = content_digest(ids_bytes, arrays, blocks)
+            digest = content_digest(ids_bytes, arrays, blocks, extras)
+            for name, a in extras.items():
+                f.create_dataset(name, data=a)
             attrs = _shard_attrs(cfg, n, r, digest, staging.failures, extra)
             f.attrs.update(attrs)
     else:
@@ -287,7 +313,9 @@ def build_shard(staging: Staging, out: Path, extra: dict) -> dict:
         rows_per_block = max(shard_rows, (rows_per_block // shard_rows) * shard_rows)
         blocks = written(staging.feature_blocks(rows_per_block),
                          lambda start, b: feats.__setitem__(slice(start, start + len(b)), b))
-        digest = content_digest(ids_bytes, arrays, blocks)
+        digest = content_digest(ids_bytes, arrays, blocks, extras)
+        for name, a in extras.items():
+            put(name, a)
         attrs = _shard_attrs(cfg, n, r, digest, staging.failures, extra)
         root.attrs.update(attrs)
     fsync_tree(out)

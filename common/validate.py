@@ -25,6 +25,7 @@ from .findings import MAX_PER_KIND, Finding
 from .manifest import SCHEMA_VERSION, read_manifest
 from .regionset import (FEATURE_DTYPES, SHARD_FORMAT, RegionSetError, ShardReader, release_maps,
                         shard_name)
+from .shard_format import check_extras
 
 _FEATURE_BLOCK_BYTES = 64 << 20
 
@@ -56,26 +57,51 @@ class _Report:
 
 
 def _raw_array_info(path: Path) -> dict[str, tuple[tuple, np.dtype | str]]:
-    """Shapes and stored dtypes as the container declares them (no coercion)."""
+    """Shapes and stored dtypes of every array, as the container declares them (no coercion)."""
     info = {}
     if path.is_dir():
         import zarr
         root = zarr.open_group(str(path), mode="r", zarr_format=3)
-        for name in ARRAY_NAMES:
-            if name in root:
-                a = root[name]
-                dt = a.dtype
-                info[name] = (tuple(a.shape), "string" if name == "image_ids" and
-                              (dt == object or getattr(dt, "kind", "") in "OTU") else np.dtype(dt))
+        for name in sorted(root.array_keys()):
+            a = root[name]
+            dt = a.dtype
+            info[name] = (tuple(a.shape), "string" if name == "image_ids" and
+                          (dt == object or getattr(dt, "kind", "") in "OTU") else np.dtype(dt))
     else:
         import h5py
         with h5py.File(path, "r") as f:
-            for name in ARRAY_NAMES:
-                if name in f:
-                    ds = f[name]
-                    is_str = h5py.check_string_dtype(ds.dtype) is not None
-                    info[name] = (tuple(ds.shape), "string" if is_str else ds.dtype)
+            for name in sorted(f.keys()):
+                ds = f[name]
+                if not isinstance(ds, h5py.Dataset):
+                    continue
+                is_str = h5py.check_string_dtype(ds.dtype) is not None
+                info[name] = (tuple(ds.shape), "string" if is_str else ds.dtype)
     return info
+
+
+def _check_extras(rep: _Report, where: str, info: dict, declared: dict) -> bool:
+    """The optional arrays the manifest declares are there, (R, width), of their dtype; arrays
+    nobody declared are reported. Returns False when reading on would fail."""
+    ok = True
+    r = info["boxes"][0][0] if info.get("boxes") and info["boxes"][0] else 0
+    for name, (dt, k) in declared.items():
+        if name not in info:
+            rep.error(where, f"optional array {name!r} is declared in the manifest's extras but "
+                      "missing from the shard; re-extract it")
+            ok = False
+            continue
+        shape, got = info[name]
+        if shape != (r, k):
+            rep.error(where, f"optional array {name!r} has shape {shape}, expected ({r}, {k}) "
+                      f"(one row per box, width {k})")
+            ok = False
+        elif np.dtype(got) != np.dtype(dt):
+            rep.error(where, f"optional array {name!r} dtype is {np.dtype(got).name}, expected "
+                      f"{dt}")
+    for name in sorted(set(info) - set(ARRAY_NAMES) - set(declared)):
+        rep.warning(where, f"array {name!r} is not a format array and not declared in the "
+                    "manifest's extras; readers ignore it")
+    return ok
 
 
 def _check_arrays(rep: _Report, where: str, info: dict, manifest: dict) -> bool:
@@ -190,6 +216,13 @@ def _check_regions(rep: _Report, where: str, shard: ShardReader) -> None:
             rep.capped("error", where, [(f"[image {int(i)} {ids[int(i)]!r}]",
                                          f"{name} row {int(r)} is not finite")
                                         for r, i in zip(rows, img)], f"non-finite {name}")
+    for name, a in shard.extras.items():
+        if a.dtype.kind == "f" and a.size and not np.isfinite(a).all():
+            rows = np.nonzero(~np.isfinite(a).all(axis=1))[0]
+            img = np.searchsorted(o, rows, side="right") - 1
+            rep.capped("error", where, [(f"[image {int(i)} {ids[int(i)]!r}]",
+                                         f"optional array {name} row {int(r)} is not finite")
+                                        for r, i in zip(rows, img)], f"non-finite {name}")
     b = shard.boxes
     inverted = np.nonzero((b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1]))[0]
     if inverted.size:
@@ -272,6 +305,11 @@ def validate_region_set(path: str | os.PathLike, *, against: str | None = None,
     if rep.findings:
         return rep.findings
     num_shards, backend = manifest["num_shards"], manifest["backend"]
+    try:
+        declared_extras = check_extras(manifest.get("extras"))
+    except ValueError as e:
+        rep.error(where, f"extras: {e}")
+        return rep.findings
     entries = manifest["shards"]
     by_index: dict[int, dict] = {}
     for e in entries:
@@ -328,6 +366,8 @@ def validate_region_set(path: str | os.PathLike, *, against: str | None = None,
             continue
         if not _check_arrays(rep, sw, info, manifest):
             continue
+        if not _check_extras(rep, sw, info, declared_extras):
+            continue
         try:
             attrs = shard.attrs
         except Exception as ex:
@@ -345,6 +385,9 @@ def validate_region_set(path: str | os.PathLike, *, against: str | None = None,
             if attrs.get(key) != want:
                 rep.error(sw, f"attribute {key} is {attrs.get(key)!r}, expected {want!r} (from "
                           "the manifest)")
+        if (attrs.get("extras") or {}) != declared_extras:
+            rep.error(sw, f"attribute extras is {attrs.get('extras') or {}}, expected "
+                      f"{declared_extras} (the manifest's declaration of optional arrays)")
         if not _check_counts(rep, sw, shard, info, e):
             continue
         for k in shard.image_ids:

@@ -75,8 +75,9 @@ def plain_read(path):
     return out
 
 
-def reference_digest(images, dtype):
-    """Shard content digest computed from the FORMAT.md definition, independently of vlkd."""
+def reference_digest(images, dtype, extras=None):
+    """Shard content digest computed from the FORMAT.md definition, independently of vlkd
+    (``extras``: {name: dtype} of optional arrays, fed after the features by sorted name)."""
     h = hashlib.blake2b(digest_size=16)
     counts = [len(im["boxes"]) for im in images]
     def put(name, data):
@@ -95,6 +96,9 @@ def reference_digest(images, dtype):
                                                digest_size=16).digest() for im in images))
     put("image_digest", b"".join(im["image_digest"] for im in images))
     put("features", cat("features", np.dtype(dtype).newbyteorder("<"), (0, 1)).tobytes())
+    for name in sorted(extras or {}):
+        put(name, np.concatenate([im["extras"][name] for im in images]).astype(
+            np.dtype(extras[name]).newbyteorder("<")).tobytes())
     return h.hexdigest()
 
 
@@ -517,3 +521,93 @@ def test_released_maps_drop_their_views_and_a_fork_reads_its_own(tmp_path):
         os._exit(0)
     os.waitpid(pid, 0)
     assert os.read(r, 1) == b"1"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_optional_arrays_round_trip_and_enter_the_digest(tmp_path, backend):
+    """Optional per-region arrays (attributes) are stored as declared, read back per image,
+    covered by the content digest (fed after the features, sorted by name: computed here from
+    the FORMAT.md definition), and checked by validate; a set without them keeps its digest."""
+    from vlkd.common.validate import validate_region_set
+
+    spec = {"attr_scores": ("float32", 3), "attr_ids": ("int32", 3)}
+    images = make_images(5, [3, 0, 5], 8)
+    rng = np.random.default_rng(9)
+    for im in images:
+        n = len(im["boxes"])
+        im["extras"] = {"attr_ids": rng.integers(-1, 524, (n, 3)).astype(np.int32),
+                        "attr_scores": rng.uniform(0, 1, (n, 3)).astype(np.float32)}
+    with ShardWriter(tmp_path / "a", 0, 1, backend=backend, feature_dim=8, extras=spec) as w:
+        for im in images:
+            w.append(**im)
+        w.finalize()
+    rs = RegionSet(tmp_path / "a")
+    assert rs.extras == {"attr_ids": ["int32", 3], "attr_scores": ["float32", 3]}
+    for im in images:
+        got = rs.get(im["image_id"])
+        for name in spec:
+            np.testing.assert_array_equal(got.extras[name], im["extras"][name])
+            assert got.extras[name].dtype == np.dtype(spec[name][0])
+    # the digest by the spec: required arrays, features, then attr_ids, attr_scores
+    base = [dict((k, v) for k, v in im.items() if k != "extras") for im in images]
+    ref = reference_digest(base, "float16")
+    entry = read_manifest(tmp_path / "a")["shards"][0]
+    assert entry["digest"] != ref  # the optional arrays enter it
+    assert entry["digest"] == reference_digest(images, "float16",
+                                               {k: dt for k, (dt, _) in spec.items()})
+    assert validate_region_set(tmp_path / "a") == []
+    # a set without optional arrays: the schema-1 digest, and records have none
+    with ShardWriter(tmp_path / "b", 0, 1, backend=backend, feature_dim=8) as w:
+        for im in base:
+            w.append(**im)
+        w.finalize()
+    assert read_manifest(tmp_path / "b")["shards"][0]["digest"] == ref
+    assert dict(RegionSet(tmp_path / "b").get(images[0]["image_id"]).extras) == {}
+    assert "extras" not in read_manifest(tmp_path / "b")
+
+
+def test_optional_arrays_are_refused_when_wrong(tmp_path):
+    spec = {"attr_ids": ("int32", 2)}
+    images = make_images(6, [2, 3], 4)
+    with ShardWriter(tmp_path, 0, 2, feature_dim=4, extras=spec) as w:
+        with pytest.raises(ValueError, match=r"optional arrays are \['attr_ids'\], got none"):
+            w.append(**images[0])
+        with pytest.raises(ValueError, match=r"attr_ids must have shape \(2, 2\)"):
+            w.append(**images[0], extras={"attr_ids": np.zeros((2, 3), np.int32)})
+        with pytest.raises(ValueError, match="must hold integers"):
+            w.append(**images[0], extras={"attr_ids": np.zeros((2, 2), np.float32)})
+        w.append(**images[0], extras={"attr_ids": np.zeros((2, 2), np.int32)})
+        w.finalize()
+    with pytest.raises(ValueError, match="lower-case identifier"):
+        ShardWriter(tmp_path / "x", 0, 1, feature_dim=4, extras={"boxes": ("int32", 1)})
+    with pytest.raises(ValueError, match="dtype float64 is not one of"):
+        ShardWriter(tmp_path / "x", 0, 1, feature_dim=4, extras={"a": ("float64", 1)})
+    # shard 1 of the same set without them: the manifest refuses the mix
+    with ShardWriter(tmp_path, 1, 2, feature_dim=4) as w:
+        w.append(**images[1])
+        with pytest.raises(RegionSetError, match="declares optional arrays"):
+            w.finalize()
+
+
+def test_validate_reports_damaged_optional_arrays(tmp_path):
+    from vlkd.common.validate import validate_region_set
+
+    images = make_images(7, [3, 2], 4)
+    with ShardWriter(tmp_path, 0, 1, feature_dim=4, extras={"attr_scores": ("float32", 2)}) as w:
+        for im in images:
+            w.append(**im, extras={"attr_scores": np.ones((len(im["boxes"]), 2), np.float32)})
+        w.finalize()
+    path = tmp_path / shard_name(0, 1, "hdf5")
+    with h5py.File(path, "r+") as f:
+        a = f["attr_scores"][()]
+        a[4, 1] = np.nan
+        f["attr_scores"][...] = a
+    found = [str(x) for x in validate_region_set(tmp_path)]
+    assert any("optional array attr_scores row 4 is not finite" in x and "[image 1 " in x
+               for x in found), found
+    assert any("content digest" in x for x in found), found
+    with h5py.File(path, "r+") as f:
+        del f["attr_scores"]
+    found = [str(x) for x in validate_region_set(tmp_path)]
+    assert any("optional array 'attr_scores' is declared in the manifest's extras but missing"
+               in x for x in found), found
