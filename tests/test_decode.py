@@ -10,7 +10,8 @@ from vlkd.common.regionset import ImageRegions
 from vlkd.train.decode import generate_captions
 from vlkd.train.model import VLConfig, VLModel, box_geometry
 from vlkd.train.stream import Record, Sample
-from vlkd.train.tasks import CaptionTask, TextEncoder
+from vlkd.train.tasks import TextEncoder
+from vlkd.train.tasks.caption import CaptionTask
 from vlkd.train.tokenizer import build_vocab
 
 CLASSES = ["circle", "square", "star"]
@@ -109,3 +110,4 @@ def test_decoding_refuses_overlapping_positions(setup):
     with pytest.raises(ValueError, match="max_text_len >= 9"):
         generate_captions(model, batch, cls_id=enc.cls_id, sep_id=enc.sep_id,
                           mask_id=enc.mask_id, max_len=7, beam_size=1, max_text_len=MAX_TEXT)
+

@@ -9,7 +9,10 @@ from train_data import scenes, write_captions
 from vlkd.common.regionset import ImageRegions
 from vlkd.train.model import IGNORE_INDEX
 from vlkd.train.stream import Record, Sample
-from vlkd.train.tasks import (CaptionTask, PretrainTask, TextEncoder, VQATask, model_inputs)
+from vlkd.train.tasks import TextEncoder, model_inputs
+from vlkd.train.tasks.caption import CaptionTask
+from vlkd.train.tasks.pretrain import PretrainTask
+from vlkd.train.tasks.vqa import VQATask
 from vlkd.train.tokenizer import build_vocab
 
 CLASSES = ["circle", "square", "traffic light", "star"]

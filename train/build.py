@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from vlkd.common.regionset import RegionSet
-from vlkd.data.captions import load_captions, load_pairs, captions_by_image
-from vlkd.data.vqa import build_answer_vocab, load_vqa, soft_scores
+from vlkd.data.vqa import build_answer_vocab, load_vqa
 
 from .config import ConfigError, ModelSpec, RunConfig, resolved_losses
 from .model import VLConfig, VLModel
 from .stream import Record, RegionStream, resolve_tag_set
-from .tasks import Task, TextEncoder
+from .tasks import TASKS, Task, TextEncoder
 from .tokenizer import TokenizerError, load_tokenizer, vocab_digest
 
 log = logging.getLogger(__name__)
@@ -84,80 +83,17 @@ def load_answers(cfg: RunConfig, model_dir: str = "") -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Records
+# Records (each task reads its own annotation files: vlkd.train.tasks)
 # --------------------------------------------------------------------------------------------
-
-def _vqa_records(questions_path: str, annotations_path: str, answers: list[str]) -> tuple:
-    qs = load_vqa(questions_path, annotations_path or None)
-    index = {a: i for i, a in enumerate(answers)}
-    records = []
-    for q in qs:
-        targets = tuple(sorted((index[a], s) for a, s in soft_scores(q.answers).items()
-                               if a in index))
-        records.append(Record(str(q.question_id), q.image_id, q.question, targets))
-    return records, qs
-
 
 def train_records(cfg: RunConfig, answers: list[str] | None = None) -> list[Record]:
     """Training samples of ``cfg.task.name`` from the ``data`` annotation files."""
-    d, task = cfg.data, cfg.task.name
-    if task == "caption":
-        if not d.captions:
-            raise ConfigError("the caption task needs data.captions (--captions FILE)")
-        caps = _load_caption_split(d.captions, d.split)
-        return [Record(f"{c.image_id}:{c.caption_id or k}", c.image_id, c.text)
-                for k, c in enumerate(caps)]
-    if task == "vqa":
-        if not (d.vqa_questions and d.vqa_annotations):
-            raise ConfigError("the vqa task needs data.vqa_questions and data.vqa_annotations")
-        return _vqa_records(d.vqa_questions, d.vqa_annotations, answers or [])[0]
-    if task == "pretrain":
-        src = d.pairs or d.captions
-        if not src:
-            raise ConfigError("the pretrain task needs data.pairs (or data.captions)")
-        pairs = load_pairs(src)
-        return [Record(f"{c.image_id}:{c.caption_id or k}", c.image_id, c.text)
-                for k, c in enumerate(pairs)]
-    raise ConfigError(f"task.name must be caption, vqa or pretrain, got {task!r}")
-
-
-def _load_caption_split(path: str, split: str) -> list:
-    """Karpathy files are filtered by ``split``; a COCO captions file is one split already."""
-    from vlkd.data.captions import AnnotationError
-
-    try:
-        return load_captions(path, split or None)
-    except AnnotationError as e:
-        if split and "applies to Karpathy files only" in str(e):
-            return load_captions(path)
-        raise
+    return TASKS.get(cfg.task.name).train_records(cfg, answers)
 
 
 def eval_records(cfg: RunConfig, answers: list[str] | None = None) -> tuple[list[Record], Any]:
-    """Evaluation samples and references.
-
-    Returns:
-        caption: (one record per image, {image id: reference captions});
-        vqa: (one record per question, the questions with their human answers, or None).
-    """
-    e, task = cfg.eval, cfg.task.name
-    limit = e.max_samples
-    if task == "caption":
-        path = e.captions or cfg.data.captions
-        if not path:
-            raise ConfigError("caption evaluation needs eval.captions (--captions FILE)")
-        caps = _load_caption_split(path, e.split)
-        refs = captions_by_image(caps)
-        ids = sorted(refs)[:limit] if limit else sorted(refs)
-        return [Record(i, i) for i in ids], {i: refs[i] for i in ids}
-    if task == "vqa":
-        if not e.vqa_questions:
-            raise ConfigError("VQA evaluation needs eval.vqa_questions (--vqa-questions FILE)")
-        records, qs = _vqa_records(e.vqa_questions, e.vqa_annotations, answers or [])
-        if limit:
-            records, qs = records[:limit], qs[:limit]
-        return records, (qs if e.vqa_annotations else None)
-    raise ConfigError(f"evaluate supports the caption and vqa tasks, not {task!r}")
+    """Evaluation samples of ``cfg.task.name`` and the references they are scored against."""
+    return TASKS.get(cfg.task.name).eval_records(cfg, answers)
 
 
 # --------------------------------------------------------------------------------------------

@@ -58,6 +58,29 @@ def _options(*opts):
     return deco
 
 
+class _TaskChoice(click.Choice):
+    """The registered task names (:data:`vlkd.train.tasks.TASKS`), read when first needed, so
+    that importing the command line does not import the model.
+
+    Args:
+        evaluable: Only tasks with an evaluation.
+    """
+
+    def __init__(self, evaluable: bool = False):
+        self._evaluable = evaluable
+        super().__init__(())
+
+    @property
+    def choices(self):
+        from .tasks import task_names
+
+        return tuple(task_names(evaluable=self._evaluable))
+
+    @choices.setter
+    def choices(self, value) -> None:  # click.Choice.__init__ assigns; the registry decides
+        pass
+
+
 _config_option = click.option(
     "--config", "config_path", type=click.Path(dir_okay=False),
     help="YAML config (sections model/data/task/optim/train/distill/eval/losses).")
@@ -65,7 +88,7 @@ _config_option = click.option(
 _common_options = _options(
     _config_option,
     _key("train.output_dir", "--output-dir", "-o"),
-    _key("task.name", "--task", type=click.Choice(["caption", "vqa", "pretrain"])),
+    _key("task.name", "--task", type=_TaskChoice()),
     _key("data.captions", "--captions"),
     _key("data.split", "--split"),
     _key("data.vqa_questions", "--vqa-questions"),
@@ -110,7 +133,7 @@ def _train(command: str, cfg, resume: str | None) -> None:
     from .build import RunInputs
     from .config import ConfigError
     from .evaluation import make_eval_fn
-    from .tasks import make_task
+    from .tasks import TASKS, build_task
     from .distributed import amp_dtype, seed_everything, setup_distributed, teardown_distributed
     from .trainer import Trainer, TrainModule
 
@@ -128,15 +151,13 @@ def _train(command: str, cfg, resume: str | None) -> None:
             save(cfg, run_dir)
         seed_everything(cfg.train.seed)
         model_dir = cfg.model.model if build._is_model_dir(cfg.model.model) else ""
+        spec = TASKS.get(cfg.task.name)
         tokenizer = build.resolve_tokenizer(cfg, model_dir)
-        answers = build.load_answers(cfg, model_dir) if cfg.task.name == "vqa" else None
+        answers = build.load_answers(cfg, model_dir) if spec.needs_answers else None
         regions = RegionSet(cfg.data.regions)
         class_names = build.tag_class_names(cfg.data.regions, cfg.data.tag_regions)
         encoder = build.make_encoder(cfg, tokenizer, class_names)
-        t = cfg.task
-        task = make_task(t.name, encoder, max_regions=cfg.data.max_regions, mask_prob=t.mask_prob,
-                         max_masked=t.max_masked, tag_mask_prob=t.tag_mask_prob,
-                         tag_swap_prob=t.tag_swap_prob, num_answers=len(answers or []))
+        task = build_task(cfg, encoder, num_answers=len(answers or []))
         records = build.train_records(cfg, answers)
         stream = build.make_stream(cfg, records, task, regions=cfg.data.regions,
                                    teacher_regions=cfg.data.teacher_regions if distill else None,
@@ -149,7 +170,7 @@ def _train(command: str, cfg, resume: str | None) -> None:
             teacher = build.load_model_dir(cfg.distill.teacher)
             _check_teacher(cfg, teacher, tokenizer, model)
         combiner = build.build_combiner(cfg, model, teacher)
-        module = TrainModule(model, combiner, task.model_task, task.seq2seq())
+        module = TrainModule(model, combiner, spec.name, task.seq2seq())
         meta = build.run_meta(cfg, tokenizer, class_names)
         inputs = RunInputs(tokenizer, encoder, task, answers, class_names, meta)
 
@@ -158,20 +179,17 @@ def _train(command: str, cfg, resume: str | None) -> None:
 
         evaluate, metric = None, ""
         amp = amp_dtype(cfg.train.amp, env.device)
-        if _has_eval(cfg):
-            ev_task = make_task(t.name, encoder, max_regions=cfg.data.max_regions, train=False,
-                                num_answers=len(answers or []))
+        if spec.has_eval(cfg):
+            ev_task = build_task(cfg, encoder, train=False, num_answers=len(answers or []))
             ev_records, refs = build.eval_records(cfg, answers)
             ev_stream = build.make_stream(cfg, ev_records, ev_task,
                                           regions=cfg.eval.regions or cfg.data.regions,
                                           shuffle=False, batch_size=cfg.eval.batch_size,
                                           rank=env.rank, world_size=env.world_size)
-            evaluate = make_eval_fn(t.name, ev_stream, refs, tokenizer=tokenizer, answers=answers,
-                                    device=env.device, amp=amp, env=env,
-                                    beam_size=cfg.eval.beam_size, max_len=cfg.eval.max_len,
-                                    max_text_len=cfg.data.max_text_len, spice=cfg.eval.spice)
-            metric = cfg.eval.metric or ("CIDEr" if t.name == "caption" else "accuracy")
-        teacher_task = task.model_task if any(
+            evaluate = make_eval_fn(spec.name, ev_stream, refs, cfg, tokenizer=tokenizer,
+                                    answers=answers, device=env.device, amp=amp, env=env)
+            metric = cfg.eval.metric or spec.metric
+        teacher_task = spec.name if any(
             m.registry_name == "logit_kd" and combiner.weights[n]
             for n, m in combiner.terms.items()) else "none"
         trainer = Trainer(cfg, module, stream, run_dir, env, save_model, teacher=teacher,
@@ -192,14 +210,6 @@ def _train(command: str, cfg, resume: str | None) -> None:
                      f"{trainer.best['step']}) in {run_dir / 'best'}" if trainer.best else "")
     finally:
         teardown_distributed(env)
-
-
-def _has_eval(cfg) -> bool:
-    if cfg.task.name == "caption":
-        return bool(cfg.eval.captions)
-    if cfg.task.name == "vqa":
-        return bool(cfg.eval.vqa_questions and cfg.eval.vqa_annotations)
-    return False
 
 
 def _check_teacher(cfg, teacher, tokenizer, student) -> None:
@@ -284,7 +294,7 @@ def _run_guarded(command: str, cfg, resume) -> None:
 @main.command()
 @_key("model.model", "--model", required=True, help="Model directory.")
 @_key("eval.regions", "--regions", required=True)
-@_key("task.name", "--task", type=click.Choice(["caption", "vqa"]),
+@_key("task.name", "--task", type=_TaskChoice(evaluable=True),
       default_text="the model's task")
 @_key("eval.captions", "--captions")
 @_key("eval.split", "--split")
@@ -318,15 +328,16 @@ def _evaluate(greedy, output_dir, config_path, overrides, options):
 
     from . import build
     from .distributed import amp_dtype, setup_distributed, teardown_distributed
-    from .evaluation import predict_captions, predict_vqa, score_predictions, write_predictions
-    from .tasks import make_task
+    from .evaluation import score_predictions, write_predictions
+    from .tasks import TASKS, build_task, task_names
 
     model_dir, regions = options["model.model"], options["eval.regions"]
     meta = build.read_meta(model_dir)
     task = options.get("task.name") or meta.get("task")
-    if task not in ("caption", "vqa"):
-        raise ValueError(f"pass --task caption|vqa (the model directory {model_dir} records "
-                         f"task {meta.get('task')!r})")
+    if task not in task_names(evaluable=True):
+        raise ValueError(f"pass --task {'|'.join(task_names(evaluable=True))} (the model "
+                         f"directory {model_dir} records task {meta.get('task')!r})")
+    spec = TASKS.get(task)
     # The model's input layout wins over the file and options; --set still wins over it.
     layout = {f"data.{k}": meta[k] for k in ("max_text_len", "max_tag_len", "max_regions",
                                              "unique_tags") if k in meta}
@@ -338,7 +349,7 @@ def _evaluate(greedy, output_dir, config_path, overrides, options):
     _setup_logging(env.rank)
     try:
         tokenizer = build.resolve_tokenizer(cfg, model_dir)
-        answers = build.load_answers(cfg, model_dir) if task == "vqa" else None
+        answers = build.load_answers(cfg, model_dir) if spec.needs_answers else None
         class_names = build.tag_class_names(regions, cfg.data.tag_regions)
         if meta.get("class_names") and meta["class_names"] != class_names:
             # Legitimate in ablations (a teacher evaluated with the student's tags), so a note.
@@ -350,26 +361,21 @@ def _evaluate(greedy, output_dir, config_path, overrides, options):
             raise ValueError(f"model takes {model.config.region_dim}-d features, {regions} has "
                              f"{RegionSet(regions).feature_dim}-d ones")
         encoder = build.make_encoder(cfg, tokenizer, class_names)
-        ev_task = make_task(task, encoder, max_regions=cfg.data.max_regions, train=False,
-                            num_answers=len(answers or []))
+        ev_task = build_task(cfg, encoder, train=False, num_answers=len(answers or []))
         records, refs = build.eval_records(cfg, answers)
         stream = build.make_stream(cfg, records, ev_task, regions=regions, shuffle=False,
                                    batch_size=cfg.eval.batch_size, rank=env.rank,
                                    world_size=env.world_size)
         amp = amp_dtype(cfg.train.amp, env.device)
         t_predict = time.perf_counter()
-        if task == "caption":
-            preds = predict_captions(model, stream, tokenizer, device=env.device, amp=amp,
-                                     beam_size=cfg.eval.beam_size, max_len=cfg.eval.max_len,
-                                     max_text_len=cfg.data.max_text_len, env=env)
-        else:
-            preds = predict_vqa(model, stream, answers, device=env.device, amp=amp, env=env)
+        preds = spec.predict(model, stream, cfg, tokenizer=tokenizer, answers=answers,
+                             device=env.device, amp=amp, env=env)
         t_predict = time.perf_counter() - t_predict
         if env.is_main:
             out = Path(output_dir)
             save(cfg, out)
             pred_path = write_predictions(task, preds, out / f"predictions_{task}.json")
-            scores = score_predictions(task, preds, refs, cfg.eval.spice)
+            scores = score_predictions(task, preds, refs, cfg)
             scores = {"task": task, "model": str(model_dir), "regions": str(regions),
                       "num_predictions": len(preds), "beam_size": cfg.eval.beam_size,
                       # inference cost: parameters, and wall time per sample (reading,

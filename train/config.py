@@ -115,8 +115,9 @@ class TaskConfig:
     """What is learnt.
 
     Attributes:
-        name: ``caption`` (Oscar masked seq2seq), ``vqa`` (soft-score BCE) or ``pretrain``
-            (masked tokens over text and tags + contrastive tag swap).
+        name: A task of the registry (:mod:`vlkd.train.tasks`): ``caption`` (Oscar masked
+            seq2seq), ``vqa`` (soft-score BCE), ``pretrain`` (masked tokens over text and tags
+            + contrastive tag swap).
         mask_prob: Fraction of caption (text) tokens masked.
         max_masked: At most this many masked text tokens per sample (Oscar: 3).
         tag_mask_prob: pretrain: fraction of tag tokens masked.
@@ -263,27 +264,22 @@ class RunConfig:
     losses: dict = field(default_factory=dict)
 
 
-def default_losses(task: str, distill: bool, label_smoothing: float = 0.1) -> dict:
+def default_losses(task: TaskConfig, distill: bool) -> dict:
     """The loss terms a run starts from, before ``losses:`` from the config is merged in.
 
-    caption: ``task`` = masked-token CE (label smoothing); vqa: ``task`` = soft-score BCE;
-    pretrain: ``mlm`` = masked-token CE over text and tags + ``itm`` = tag-swap matching CE.
-    distill adds the paper's terms: ``attention`` (attention-distribution MSE, uniform layer
-    map) and ``hidden`` (token-wise InfoNCE against a queue of 4096 teacher tokens, τ = 0.07,
-    128-d linear projections of student and teacher tokens),
-    and a ``logits`` term (logit KD, weight 0 = off).
+    The task's own terms come from its registry entry
+    (:meth:`vlkd.train.tasks.base.Task.default_losses`): caption ``task`` = masked-token CE
+    (label smoothing); vqa ``task`` = soft-score BCE; pretrain ``mlm`` = masked-token CE over
+    text and tags + ``itm`` = tag-swap matching CE. distill adds the paper's terms:
+    ``attention`` (attention-distribution MSE, uniform layer map) and ``hidden`` (token-wise
+    InfoNCE against a queue of 4096 teacher tokens, τ = 0.07, 128-d linear projections of
+    student and teacher tokens), and a ``logits`` term (logit KD over the task's first head,
+    weight 0 = off).
     """
-    if task == "caption":
-        terms = {"task": {"type": "masked_token_ce", "weight": 1.0,
-                          "params": {"label_smoothing": label_smoothing}}}
-    elif task == "vqa":
-        terms = {"task": {"type": "vqa_bce", "weight": 1.0, "params": {}}}
-    elif task == "pretrain":
-        terms = {"mlm": {"type": "masked_token_ce", "weight": 1.0,
-                         "params": {"label_smoothing": 0.0}},
-                 "itm": {"type": "itm_ce", "weight": 1.0, "params": {}}}
-    else:
-        raise ConfigError(f"task.name must be caption, vqa or pretrain, found {task!r}")
+    from .tasks import TASKS
+
+    spec = TASKS.get(task.name)
+    terms = spec.default_losses(task)
     if distill:
         terms["attention"] = {"type": "attention_mse", "weight": 1.0,
                               "params": {"layer_map": "uniform", "target": "probs"}}
@@ -298,8 +294,7 @@ def default_losses(task: str, distill: bool, label_smoothing: float = 0.1) -> di
                                       # teacher_projection: identity for the identity variant.
                                       "proj_dim": 128, "teacher_projection": "linear"}}
         terms["logits"] = {"type": "logit_kd", "weight": 0.0,
-                           "params": {"temperature": 1.0,
-                                      "head": "vqa" if task == "vqa" else "mlm"}}
+                           "params": {"temperature": 1.0, "head": spec.heads[0]}}
     return terms
 
 
@@ -308,7 +303,7 @@ def resolved_losses(cfg: "RunConfig", distill: bool) -> dict:
 
     A term whose ``type`` the config changes (``hidden: {type: hidden_mse}``) keeps the
     default's weight but not its ``params``, which belong to the other loss."""
-    base = default_losses(cfg.task.name, distill, cfg.task.label_smoothing)
+    base = default_losses(cfg.task, distill)
     for name, term in (cfg.losses or {}).items():
         old = base.get(name)
         if (isinstance(term, dict) and isinstance(old, dict) and "type" in term

@@ -1,5 +1,6 @@
 """Evaluation: predictions over an evaluation stream (every rank predicts its share; the shares
-are gathered) and their scores.
+are gathered) and their scores. Which prediction, score and results format a task uses is its
+registry entry's (:mod:`vlkd.train.tasks`); the prediction loops are here.
 
 Captioning: beam search (or greedy) → ``{image id: caption}`` → COCO result format
 ``[{"image_id", "caption"}]`` and pycocoevalcap scores (:func:`vlkd.train.metrics.caption_scores`).
@@ -17,13 +18,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from vlkd.data.vqa import vqa_accuracy
-
 from .decode import generate_captions
 from .distributed import DistEnv
-from .metrics import caption_scores
 from .stream import RegionStream, make_loader
-from .tasks import model_inputs, to_device
+from .tasks import TASKS, model_inputs, to_device
 
 __all__ = ["predict_captions", "predict_vqa", "gather_dict", "score_predictions",
            "write_predictions", "make_eval_fn"]
@@ -91,45 +89,37 @@ def predict_vqa(model, stream: RegionStream, answers: list[str], *, device: torc
     return gather_dict(preds, env) if env is not None else preds
 
 
-def score_predictions(task: str, predictions: dict, references: Any, spice: str = "auto") -> dict:
-    """Scores: caption → pycocoevalcap metrics; vqa → official accuracy ({} without answers)."""
-    if task == "caption":
-        flag = {"auto": None, "true": True, "false": False}.get(str(spice).lower())
-        return caption_scores(references, predictions, spice=flag)
-    if references is None:
-        return {}
-    return vqa_accuracy(predictions, references)
-
-
-def _json_id(i: str) -> Any:
-    return int(i) if str(i).isdigit() else i
+def score_predictions(task: str, predictions: dict, references: Any, cfg) -> dict:
+    """Scores of a task's predictions (the task's :meth:`~vlkd.train.tasks.base.Task.score`)."""
+    return TASKS.get(task).score(predictions, references, cfg)
 
 
 def write_predictions(task: str, predictions: dict, path: str | Path) -> Path:
-    """Writes predictions in the COCO caption / official VQA result format."""
+    """Writes predictions in the task's results format (COCO captions, official VQA)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if task == "caption":
-        rows = [{"image_id": _json_id(k), "caption": v} for k, v in sorted(predictions.items())]
-    else:
-        rows = [{"question_id": int(k), "answer": v} for k, v in sorted(predictions.items())]
+    rows = TASKS.get(task).result_rows(predictions)
     path.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     return path
 
 
-def make_eval_fn(task: str, stream: RegionStream, references: Any, *, tokenizer, answers,
-                 device: torch.device, amp: torch.dtype | None, env: DistEnv, beam_size: int,
-                 max_len: int, max_text_len: int, spice: str = "auto"
+def make_eval_fn(task: str, stream: RegionStream, references: Any, cfg, *, tokenizer, answers,
+                 device: torch.device, amp: torch.dtype | None, env: DistEnv
                  ) -> Callable[[torch.nn.Module], dict]:
-    """``model -> scores`` for periodic evaluation; rank 0 scores, every rank gets the result."""
+    """``model -> scores`` for periodic evaluation; rank 0 scores, every rank gets the result.
+
+    Args:
+        task: A registered task with an evaluation.
+        stream: Its evaluation stream.
+        references: What :meth:`~vlkd.train.tasks.base.Task.eval_records` returned with it.
+        cfg: The run's config (``eval`` and the data layout).
+    """
+    spec = TASKS.get(task)
+
     def evaluate(model) -> dict:
-        if task == "caption":
-            preds = predict_captions(model, stream, tokenizer, device=device, amp=amp,
-                                     beam_size=beam_size, max_len=max_len,
-                                     max_text_len=max_text_len, env=env)
-        else:
-            preds = predict_vqa(model, stream, answers, device=device, amp=amp, env=env)
-        scores = score_predictions(task, preds, references, spice) if env.is_main else {}
+        preds = spec.predict(model, stream, cfg, tokenizer=tokenizer, answers=answers,
+                             device=device, amp=amp, env=env)
+        scores = spec.score(preds, references, cfg) if env.is_main else {}
         if env.distributed:
             box = [scores]
             dist.broadcast_object_list(box, src=0)

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kd_queue import TokenQueue
+from .registry import Registry
 
 if TYPE_CHECKING:  # the model module pulls in transformers; the losses work on tensors alone
     from .model import VLConfig, VLOutput
@@ -72,19 +73,21 @@ LayerMapSpec = str | Sequence[Sequence[int]]
 # Registry
 # --------------------------------------------------------------------------------------------
 
-#: Loss classes by registry name. Contract: a subclass of :class:`KDLoss` whose
-#: ``from_config(params, student_config, teacher_config)`` builds it from a YAML ``params``
-#: mapping and whose ``compute(student, teacher, batch)`` returns a scalar tensor.
-LOSSES: dict[str, type["KDLoss"]] = {}
+#: Loss classes by registry name (the ``type`` of a ``losses:`` term).
+LOSSES: Registry[type["KDLoss"]] = Registry("loss", """Loss classes by registry name.
+
+Contract: a subclass of :class:`KDLoss`, added with ``@register_loss(name)``, whose
+``from_config(params, student_config, teacher_config)`` builds it from a YAML ``params``
+mapping (its constructor's keyword arguments) and whose ``compute(student, teacher, batch)``
+returns a scalar tensor; ``needs_teacher`` and ``output_flags()`` say what it reads.
+""")
 
 
 def register_loss(name: str) -> Callable[[type["KDLoss"]], type["KDLoss"]]:
     """Class decorator adding a loss to :data:`LOSSES` under ``name``."""
     def deco(cls: type["KDLoss"]) -> type["KDLoss"]:
-        if name in LOSSES:
-            raise KeyError(f"register_loss: {name!r} is already registered by {LOSSES[name]}")
+        LOSSES.register(name)(cls)
         cls.registry_name = name
-        LOSSES[name] = cls
         return cls
     return deco
 
@@ -93,9 +96,7 @@ def build_loss(type_name: str, params: Mapping[str, Any] | None = None,
                student_config: VLConfig | None = None,
                teacher_config: VLConfig | None = None) -> "KDLoss":
     """Builds a registered loss from its name and YAML params."""
-    if type_name not in LOSSES:
-        raise KeyError(f"unknown loss type {type_name!r}; registered: {sorted(LOSSES)}")
-    cls = LOSSES[type_name]
+    cls = LOSSES.get(type_name)
     params = dict(params or {})
     sig = inspect.signature(cls.__init__)
     if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):

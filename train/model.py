@@ -59,20 +59,20 @@ __all__ = [
     "caption_attention_mask",
     "prediction_positions",
     "IGNORE_INDEX",
-    "TASKS",
+    "HEAD_TASKS",
+    "task_heads",
 ]
 
 #: Label value meaning "no prediction here" (as torch's cross-entropy default).
 IGNORE_INDEX = -100
 
-#: Tasks the forward understands and the heads each one runs.
-TASKS: dict[str, tuple[str, ...]] = {
+#: ``task`` values of the forward that run one head (or none) by its name. A registered task
+#: (:data:`vlkd.train.tasks.TASKS`: ``caption``, ``vqa``, ``pretrain``) names its own heads.
+HEAD_TASKS: dict[str, tuple[str, ...]] = {
     "none": (),
     "mlm": ("mlm",),
-    "caption": ("mlm",),
     "vqa": ("vqa",),
     "itm": ("itm",),
-    "pretrain": ("mlm", "itm"),
 }
 
 CONFIG_NAME = "config.json"
@@ -293,6 +293,19 @@ def prediction_positions(batch: Mapping[str, Any]) -> torch.Tensor | None:
     return None
 
 
+def task_heads(task: str) -> tuple[str, ...]:
+    """The heads the forward runs for ``task``: a registered task's ``heads``, else
+    :data:`HEAD_TASKS`."""
+    from .tasks import TASKS  # the tasks import this module: looked up at call time
+
+    if task in TASKS:
+        return TASKS.get(task).heads
+    if task in HEAD_TASKS:
+        return HEAD_TASKS[task]
+    raise ValueError(f"VLModel: unknown task {task!r}; choose from "
+                     f"{sorted(set(HEAD_TASKS) | set(TASKS))}")
+
+
 # --------------------------------------------------------------------------------------------
 # Attention with maps
 # --------------------------------------------------------------------------------------------
@@ -465,8 +478,9 @@ class VLModel(nn.Module):
 
         Args:
             batch: Mapping with the keys in the module docstring; extra keys are ignored.
-            task: One of :data:`TASKS` (``none``, ``mlm``, ``caption``, ``vqa``, ``itm``,
-                ``pretrain``); picks the heads that run.
+            task: A registered task (``caption``, ``vqa``, ``pretrain``: its heads) or a head
+                name of :data:`HEAD_TASKS` (``none``, ``mlm``, ``vqa``, ``itm``); picks the
+                heads that run (:func:`task_heads`).
             output_hidden_states: Return all hidden states (embeddings + every layer).
             output_attentions: Return every layer's attention probabilities.
             output_scores: Also return the pre-softmax scores (TinyBERT-style distillation).
@@ -476,9 +490,8 @@ class VLModel(nn.Module):
             A :class:`VLOutput`.
         """
         b = {**(batch or {}), **inputs}
-        if task not in TASKS:
-            raise ValueError(f"VLModel: unknown task {task!r}; choose from {sorted(TASKS)}")
-        for head in TASKS[task]:
+        heads = task_heads(task)
+        for head in heads:
             if getattr(self, f"{head}_head") is None:
                 raise ValueError(f"VLModel: task {task!r} needs the {head!r} head, but this "
                                  f"model was built with heads={list(self.config.heads)}")
@@ -533,7 +546,6 @@ class VLModel(nn.Module):
             attentions=tuple(all_probs) if output_attentions else None,
             attention_scores=tuple(all_scores) if output_scores else None,
         )
-        heads = TASKS[task]
         if "mlm" in heads:
             text = hidden[:, :num_text]
             where = prediction_positions(b)

@@ -91,7 +91,7 @@ class TrainModule(nn.Module):
     Args:
         model: The trained :class:`~vlkd.train.model.VLModel`.
         combiner: A :class:`~vlkd.train.losses.LossCombiner`.
-        model_task: The ``task`` argument of the model's forward.
+        model_task: The ``task`` argument of the model's forward (a registered task's name).
         seq2seq: Captioning attention mask.
     """
 

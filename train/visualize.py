@@ -7,7 +7,7 @@ import torch
 
 from . import build
 from .config import load_config
-from .tasks import make_task, model_inputs
+from .tasks import build_task, model_inputs
 
 
 @torch.no_grad()
@@ -41,7 +41,7 @@ def attention_figure(teacher_dir: str, student_dir: str, regions: str, teacher_r
     class_names = build.tag_class_names(regions, cfg.data.tag_regions)
     encoder = build.make_encoder(cfg, tokenizer, class_names)
     # train=False: the caption is shown as written, nothing masked
-    task = make_task("caption", encoder, max_regions=cfg.data.max_regions, train=False)
+    task = build_task(cfg, encoder, train=False)
     records = build.train_records(cfg)
     if not records:
         raise ValueError(f"no caption records in {captions} split {split}")

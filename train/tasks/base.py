@@ -1,5 +1,5 @@
-"""Tasks: turn a streamed sample into model inputs (per sample in the loader workers, per batch in
-collation, then on the device).
+"""What every task shares: text and tag token ids, the per-batch layout, the device side, and
+the contract of the task registry (:data:`TASKS`).
 
 Sequence (Oscar/VinVL)::
 
@@ -11,35 +11,33 @@ Tag positions start at ``max_text_len`` whatever the text length, as in Oscar (w
 text to that length): a caption being decoded one token at a time sees its tags at the same
 positions as in training.
 
-* ``caption`` -- Oscar's masked seq2seq: ``mask_prob`` of the caption tokens (and its closing
-  [SEP], so that the model learns to stop), at least 1 and at most ``max_masked``, are chosen;
-  each becomes [MASK] (80 %), a random token (10 %) or stays (10 %). Attention: caption tokens
-  see earlier caption tokens and all tags and regions; tags and regions never see the caption.
-* ``vqa`` -- question as text; targets are soft scores over the answer vocabulary.
-* ``pretrain`` -- masked tokens over text and tags (BERT's 80/10/10) and Oscar's contrastive tag
-  swap: with probability ``tag_swap_prob`` a sample takes the next sample's tags in the batch and
-  its image-text matching label becomes 0 (1 = tags belong to the image).
-
-Features keep their stored dtype (fp16) through :meth:`Task.collate`; :func:`to_device` moves
-them and :func:`model_inputs` adds the box geometry and attention mask on the device, where the
-model casts the features.
+A task turns a streamed sample into model inputs: per sample in the loader workers
+(:meth:`Task.transform`), per batch in collation (:meth:`Task.collate`), then on the device
+(:func:`model_inputs`). Features keep their stored dtype (fp16) through :meth:`Task.collate`;
+:func:`to_device` moves them and :func:`model_inputs` adds the box geometry and attention mask
+on the device, where the model casts the features.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from vlkd.train.model import IGNORE_INDEX, box_geometry, caption_attention_mask, padding_mask
+from vlkd.common.config import ConfigError
 
-from .stream import Sample, pad_regions
+from ..model import IGNORE_INDEX, box_geometry, caption_attention_mask, padding_mask
+from ..registry import Registry
+from ..stream import Record, Sample, pad_regions
 
-__all__ = ["TextEncoder", "Task", "CaptionTask", "VQATask", "PretrainTask", "make_task",
-           "to_device", "model_inputs", "TASK_NAMES"]
+if TYPE_CHECKING:
+    from ..config import RunConfig, TaskConfig
+    from ..distributed import DistEnv
+    from ..stream import RegionStream
 
-TASK_NAMES = ("caption", "vqa", "pretrain")
+__all__ = ["TASKS", "TextEncoder", "Task", "task_names", "mask_tokens", "to_device",
+           "model_inputs"]
 
 
 class TextEncoder:
@@ -102,8 +100,8 @@ class TextEncoder:
         return out
 
 
-def _mask_tokens(ids: np.ndarray, candidates: np.ndarray, picked: np.ndarray, enc: TextEncoder,
-                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def mask_tokens(ids: np.ndarray, picked: np.ndarray, enc: TextEncoder,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """BERT's 80/10/10 corruption of ``ids`` at ``picked`` positions; labels elsewhere -100."""
     ids = ids.copy()
     labels = np.full(ids.shape, IGNORE_INDEX, dtype=np.int64)
@@ -119,19 +117,94 @@ def _mask_tokens(ids: np.ndarray, candidates: np.ndarray, picked: np.ndarray, en
 
 
 class Task:
-    """Base of the tasks: per-sample transform and batch collation shared by all of them.
+    """Base of the tasks, and the contract of the task registry (:data:`TASKS`).
+
+    A task is one module of :mod:`vlkd.train.tasks` holding a subclass registered with
+    ``@TASKS.register()``. Its instances are the data side (per-sample :meth:`transform` in a
+    loader worker, per-batch :meth:`collate`); its class attributes and class methods say what
+    a run of the task needs, so that nothing else names the task:
+
+    Attributes:
+        name: Registry name: ``task.name`` in the config, a ``--task`` choice, and the ``task``
+            argument of :meth:`~vlkd.train.model.VLModel.forward` (which runs :attr:`heads`).
+        heads: Model heads the task runs (:attr:`~vlkd.train.model.VLConfig.heads` names); the
+            first is the one the ``logits`` KD term distils.
+        metric: Evaluation score that picks the best checkpoint (the ``eval.metric`` default);
+            empty when the task has no evaluation (then ``vlkd-train evaluate`` refuses it).
+        needs_answers: The task reads a VQA answer vocabulary (``answers`` below).
+
+    Class methods (``cfg`` is the run's :class:`~vlkd.train.config.RunConfig`):
+
+    * :meth:`from_config` builds the data side from the config;
+    * :meth:`default_losses` gives the task's loss terms (distillation adds its own);
+    * :meth:`train_records` / :meth:`eval_records` read the annotation files into records
+      (and evaluation references);
+    * :meth:`has_eval` says whether the config names an evaluation set (periodic evaluation);
+    * :meth:`predict`, :meth:`score`, :meth:`result_rows` predict over an evaluation stream,
+      score against the references, and lay predictions out in the results-file format.
 
     Args:
         encoder: The :class:`TextEncoder`.
         max_regions: Regions per image kept (the first ones, in stored order).
     """
 
-    name = ""
-    #: The ``task`` argument of :meth:`VLModel.forward`.
-    model_task = ""
+    name: str = ""
+    heads: tuple[str, ...] = ()
+    metric: str = ""
+    needs_answers: bool = False
 
     def __init__(self, encoder: TextEncoder, max_regions: int = 50):
         self.enc, self.max_regions = encoder, int(max_regions)
+
+    # -- from the config (class methods: the registry's contract)
+    @classmethod
+    def from_config(cls, cfg: "RunConfig", encoder: TextEncoder, *, train: bool = True,
+                    num_answers: int = 0) -> "Task":
+        """The data side for ``cfg`` (``train=False``: evaluation samples)."""
+        return cls(encoder, cfg.data.max_regions)
+
+    @classmethod
+    def default_losses(cls, task: "TaskConfig") -> dict:
+        """Loss terms ``{name: {type, weight, params}}`` of the task (``losses:`` merges in)."""
+        raise NotImplementedError(f"task {cls.name!r} declares no loss terms")
+
+    @classmethod
+    def train_records(cls, cfg: "RunConfig", answers: list[str] | None = None) -> list[Record]:
+        """Training samples from the ``data`` annotation files."""
+        raise NotImplementedError(f"task {cls.name!r} declares no training records")
+
+    @classmethod
+    def has_eval(cls, cfg: "RunConfig") -> bool:
+        """Whether ``cfg.eval`` names an evaluation set for this task."""
+        return False
+
+    @classmethod
+    def eval_records(cls, cfg: "RunConfig", answers: list[str] | None = None
+                     ) -> tuple[list[Record], Any]:
+        """Evaluation samples and the references :meth:`score` compares with."""
+        raise cls._no_eval()
+
+    @classmethod
+    def predict(cls, model, stream: "RegionStream", cfg: "RunConfig", *, tokenizer,
+                answers: list[str] | None, device: torch.device, amp: torch.dtype | None,
+                env: "DistEnv") -> dict:
+        """Predictions over an evaluation stream, gathered over ranks: ``{key: prediction}``."""
+        raise cls._no_eval()
+
+    @classmethod
+    def score(cls, predictions: dict, references: Any, cfg: "RunConfig") -> dict:
+        """Scores of the predictions (``{}`` without references)."""
+        raise cls._no_eval()
+
+    @classmethod
+    def result_rows(cls, predictions: dict) -> list[dict]:
+        """The predictions as rows of the results file (an evaluation server's format)."""
+        raise cls._no_eval()
+
+    @classmethod
+    def _no_eval(cls) -> ConfigError:
+        return ConfigError(f"evaluate supports the tasks {task_names(evaluable=True)}, not "
+                           f"{cls.name!r}")
 
     # -- per sample (in a loader worker)
     def _regions(self, sample: Sample) -> dict:
@@ -197,134 +270,12 @@ class Task:
         return False
 
 
-class CaptionTask(Task):
-    """Oscar masked seq2seq captioning (see the module docstring).
-
-    Args:
-        encoder, max_regions: See :class:`Task`.
-        mask_prob: Fraction of caption tokens (with the closing [SEP]) masked.
-        max_masked: At most this many per caption.
-        train: False for evaluation samples (no text, no masking).
-    """
-
-    name = model_task = "caption"
-
-    def __init__(self, encoder: TextEncoder, max_regions: int = 50, mask_prob: float = 0.15,
-                 max_masked: int = 3, train: bool = True):
-        super().__init__(encoder, max_regions)
-        self.mask_prob, self.max_masked, self.train = float(mask_prob), int(max_masked), train
-
-    def transform(self, sample: Sample) -> dict:
-        out = self._regions(sample)
-        if not self.train:
-            out["text_ids"] = np.array([self.enc.cls_id], dtype=np.int64)  # decoding starts here
-            return out
-        ids = self.enc.text_ids(sample.record.text)
-        candidates = np.arange(1, len(ids))  # caption tokens and the closing [SEP]
-        num = min(max(int(round(self.mask_prob * candidates.size)), 1), self.max_masked,
-                  candidates.size)
-        picked = np.sort(sample.rng.choice(candidates, size=num, replace=False))
-        out["text_ids"], out["text_labels"] = _mask_tokens(ids, candidates, picked, self.enc,
-                                                           sample.rng)
-        return out
-
-    def seq2seq(self) -> bool:
-        return True
+TASKS: Registry[type[Task]] = Registry("task", Task.__doc__ or "")
 
 
-class VQATask(Task):
-    """VQA: question text, soft-score targets over ``num_answers`` answers.
-
-    Args:
-        encoder, max_regions: See :class:`Task`.
-        num_answers: Size A of the answer vocabulary.
-    """
-
-    name = model_task = "vqa"
-
-    def __init__(self, encoder: TextEncoder, max_regions: int = 50, num_answers: int = 3129):
-        super().__init__(encoder, max_regions)
-        self.num_answers = int(num_answers)
-
-    def transform(self, sample: Sample) -> dict:
-        out = self._regions(sample)
-        out["text_ids"] = self.enc.text_ids(sample.record.text)
-        out["answers"] = sample.record.answers
-        return out
-
-    def collate(self, items):
-        batch = super().collate(items)
-        targets = np.zeros((len(items), self.num_answers), dtype=np.float32)
-        for k, it in enumerate(items):
-            for idx, score in it["answers"]:
-                targets[k, int(idx)] = float(score)
-        batch["vqa_targets"] = torch.from_numpy(targets)
-        return batch
-
-
-class PretrainTask(Task):
-    """Masked tokens over text and tags + contrastive tag swap (see the module docstring).
-
-    Args:
-        encoder, max_regions: See :class:`Task`.
-        mask_prob: Per-token masking probability of text tokens.
-        tag_mask_prob: Per-token masking probability of tag tokens.
-        tag_swap_prob: Probability of taking the next sample's tags.
-    """
-
-    name = "pretrain"
-    model_task = "pretrain"
-
-    def __init__(self, encoder: TextEncoder, max_regions: int = 50, mask_prob: float = 0.15,
-                 tag_mask_prob: float = 0.15, tag_swap_prob: float = 0.5):
-        super().__init__(encoder, max_regions)
-        self.mask_prob, self.tag_mask_prob = float(mask_prob), float(tag_mask_prob)
-        self.tag_swap_prob = float(tag_swap_prob)
-
-    def _mask(self, ids: np.ndarray, prob: float, rng: np.random.Generator, first: int):
-        cand = np.arange(first, len(ids) - 1)  # not [CLS] nor the closing [SEP]
-        picked = cand[rng.random(cand.size) < prob]
-        return _mask_tokens(ids, cand, picked, self.enc, rng)
-
-    def transform(self, sample: Sample) -> dict:
-        out = self._regions(sample)
-        ids = self.enc.text_ids(sample.record.text)
-        out["text_ids"], out["text_labels"] = self._mask(ids, self.mask_prob, sample.rng, 1)
-        out["clean_tag_ids"] = out["tag_ids"]
-        out["tag_ids"], out["tag_labels"] = self._mask(out["tag_ids"], self.tag_mask_prob,
-                                                       sample.rng, 0)
-        out["swap"] = bool(sample.rng.random() < self.tag_swap_prob)
-        return out
-
-    def collate(self, items):
-        bsz = len(items)
-        swapped = []
-        itm = np.ones(bsz, dtype=np.int64)
-        for k, it in enumerate(items):
-            donor = items[(k + 1) % bsz]
-            if it["swap"] and bsz > 1 and not np.array_equal(donor["clean_tag_ids"],
-                                                             it["clean_tag_ids"]):
-                it = dict(it, tag_ids=donor["tag_ids"], tag_labels=donor["tag_labels"])
-                itm[k] = 0
-            swapped.append(it)
-        batch = super().collate(swapped)
-        batch["itm_labels"] = torch.from_numpy(itm)
-        return batch
-
-
-def make_task(name: str, encoder: TextEncoder, *, max_regions: int = 50, train: bool = True,
-              mask_prob: float = 0.15, max_masked: int = 3, tag_mask_prob: float = 0.15,
-              tag_swap_prob: float = 0.5, num_answers: int = 0) -> Task:
-    """Builds a task by name (``caption``, ``vqa``, ``pretrain``)."""
-    if name == "caption":
-        return CaptionTask(encoder, max_regions, mask_prob, max_masked, train=train)
-    if name == "vqa":
-        if num_answers <= 0:
-            raise ValueError("the vqa task needs the answer vocabulary size (num_answers > 0)")
-        return VQATask(encoder, max_regions, num_answers)
-    if name == "pretrain":
-        return PretrainTask(encoder, max_regions, mask_prob, tag_mask_prob, tag_swap_prob)
-    raise ValueError(f"unknown task {name!r}; choose from {TASK_NAMES}")
+def task_names(*, evaluable: bool = False) -> list[str]:
+    """Registered task names (``evaluable``: only those with an evaluation metric)."""
+    return [n for n in TASKS.names() if not evaluable or TASKS.get(n).metric]
 
 
 # --------------------------------------------------------------------------------------------
