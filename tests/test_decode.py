@@ -1,6 +1,8 @@
 """Caption decoding against step-by-step computations written here (own input construction)."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -111,3 +113,158 @@ def test_decoding_refuses_overlapping_positions(setup):
         generate_captions(model, batch, cls_id=enc.cls_id, sep_id=enc.sep_id,
                           mask_id=enc.mask_id, max_len=7, beam_size=1, max_text_len=MAX_TEXT)
 
+
+# --------------------------------------------------------------------------- beam search rules
+# A scripted scoring model over a tiny vocabulary: generate_captions asks
+# caption_step_logprobs for log p(next | prefix); here that is a table per image, so the beams
+# can be followed by hand and every sequence enumerated.
+CLS, MASK, SEP, A, B, C = range(6)
+WORDS = (SEP, A, B, C)  # CLS and MASK get probability 0
+
+
+def _dist(sep, a, b, c):
+    logp = np.full(6, -np.inf)
+    logp[list(WORDS)] = np.log(np.array([sep, a, b, c]) / (sep + a + b + c))
+    return logp
+
+
+class Scripted:
+    """``caption_step_logprobs`` stand-in: ``tables[image](prefix words) -> log-probs``."""
+
+    def __init__(self, tables):
+        self.tables, self.calls = tables, 0
+
+    def __call__(self, model, context, prefix, mask_id):
+        self.calls += 1
+        rows = [self.tables[int(context["image_hw"][n, 0])](tuple(prefix[n, 1:].tolist()))
+                for n in range(prefix.shape[0])]
+        return torch.tensor(np.stack(rows), dtype=torch.float32)
+
+
+def _batch(num_images):
+    """An evaluation batch whose text is just [CLS]; image_hw[:, 0] is the image's index."""
+    b = num_images
+    return {"input_ids": torch.full((b, 1), CLS), "token_type_ids": torch.zeros(b, 1).long(),
+            "position_ids": torch.zeros(b, 1).long(), "text_mask": torch.ones(b, 1).bool(),
+            "caption_part": torch.ones(b, 1).bool(), "region_features": torch.zeros(b, 1, 8),
+            "region_boxes": torch.zeros(b, 1, 4), "region_mask": torch.ones(b, 1).bool(),
+            "image_hw": torch.tensor([[float(i), 1.0] for i in range(b)])}
+
+
+def _beam(monkeypatch, tables, k, max_len, length_penalty=1.0):
+    from vlkd.train import decode
+
+    scripted = Scripted(tables)
+    monkeypatch.setattr(decode, "caption_step_logprobs", scripted)
+    out = generate_captions(None, _batch(len(tables)), cls_id=CLS, sep_id=SEP, mask_id=MASK,
+                            max_len=max_len, beam_size=k, length_penalty=length_penalty,
+                            max_text_len=max_len + 2)
+    return out, scripted.calls
+
+
+def _score(table, words, max_len, lp=1.0):
+    """Length-normalised score of a caption: with its [SEP] when shorter than max_len."""
+    seq = list(words) + ([SEP] if len(words) < max_len else [])
+    total = sum(table(tuple(seq[:i]))[tok] for i, tok in enumerate(seq))
+    return total / len(seq) ** lp
+
+
+def _brute_force(table, max_len, lp=1.0):
+    """The best caption over every sequence of the vocabulary (exhaustive)."""
+    best, best_words = -np.inf, None
+    for n in range(max_len + 1):
+        for words in itertools.product([A, B, C], repeat=n):
+            s = _score(table, words, max_len, lp)
+            if s > best:
+                best, best_words = s, list(words)
+    return best_words
+
+
+def _reference_beam(table, k, max_len, lp=1.0):
+    """Beam search as decode.py documents it, written out plainly.
+
+    Each step extends every running hypothesis by every token and walks the extensions by
+    summed log-probability: a [SEP] extension becomes a finished hypothesis scored
+    ``sum / length ** lp`` (the length counts the [SEP]), any other a running one, until
+    ``k`` running ones are found. The ``k`` best finished are kept; the search stops once
+    there are ``k`` of them and the worst is at least the best running one's ``sum /
+    step ** lp``. At ``max_len`` the running hypotheses count as finished.
+    """
+    running, finished = [((), 0.0)], []
+    for step in range(1, max_len + 1):
+        ext = sorted(((s + table(seq)[tok], seq, tok) for seq, s in running for tok in WORDS),
+                     key=lambda e: -e[0])
+        running = []
+        for s, seq, tok in ext:
+            if tok == SEP:
+                finished.append((s / step ** lp, list(seq)))
+            else:
+                running.append((seq + (tok,), s))
+                if len(running) == k:
+                    break
+        finished = sorted(finished, key=lambda f: -f[0])[:k]
+        if not running or (len(finished) == k and
+                           finished[-1][0] >= max(s for _, s in running) / step ** lp):
+            return max(finished, key=lambda f: f[0])[1]
+    finished += [(s / max_len ** lp, list(seq)) for seq, s in running]
+    return max(finished, key=lambda f: f[0])[1]
+
+
+def _table(entries, default=(0.25, 0.25, 0.25, 0.25)):
+    dists = {k: _dist(*v) for k, v in entries.items()}
+    fallback = _dist(*default)
+    return lambda prefix: dists.get(prefix, fallback)
+
+
+def test_beam_search_prunes_to_its_width(monkeypatch):
+    """Width 2 drops "c" after step 1 (third of a .40, b .35, c .20, [SEP] .05) although
+    "c [SEP]" (.20 × .90 = .18, score ln .18 / 2 = -0.857) is the best caption. At step 2
+    (= max_len) the extensions by probability are a-b .14, b-c .1225, a-a .12, ...: the two
+    running ones are cut at max_len and a-b (ln .14 / 2 = -0.983) beats b-c (-1.050)."""
+    table = _table({(): (0.05, 0.40, 0.35, 0.20),
+                    (A,): (0.10, 0.30, 0.35, 0.25),
+                    (B,): (0.10, 0.25, 0.30, 0.35),
+                    (C,): (0.90, 0.04, 0.03, 0.03)})
+    assert _brute_force(table, 2) == [C]
+    got, _ = _beam(monkeypatch, [table], k=2, max_len=2)
+    assert got == [[A, B]] == [_reference_beam(table, 2, 2)]
+    got, _ = _beam(monkeypatch, [table], k=3, max_len=2)  # wide enough to keep "c"
+    assert got == [[C]] == [_reference_beam(table, 3, 2)]
+
+
+def test_beam_search_stops_early_by_its_rule(monkeypatch):
+    """Step 1: [SEP] .5 finishes "" (ln .5 = -0.693); a .3 and b .15 run. Step 2: a-[SEP] .18
+    finishes "a" (-0.857), b-[SEP] .075 finishes "b" (-1.295), a-a .06 and b-a .045 run. The
+    2 best finished ("", "a") are at least the best running one (ln .06 / 2 = -1.407): the
+    search stops after 2 model calls and returns "". An exhaustive search finds
+    "a a a a a" (ln(.3 × .2 × .999⁴) / 6 = -0.470), which the rule gives up: the rule bounds a
+    running hypothesis by its score so far, as Hugging Face's early_stopping=False does."""
+    table = _table({(): (0.50, 0.30, 0.15, 0.05),
+                    (A,): (0.60, 0.20, 0.10, 0.10),
+                    (B,): (0.50, 0.30, 0.10, 0.10),
+                    (A, A): (0.001, 0.999, 1e-6, 1e-6),
+                    (A, A, A): (0.001, 0.999, 1e-6, 1e-6),
+                    (A, A, A, A): (0.001, 0.999, 1e-6, 1e-6),
+                    (A, A, A, A, A): (0.999, 0.001, 1e-6, 1e-6)})
+    got, calls = _beam(monkeypatch, [table], k=2, max_len=6)
+    assert got == [[]] == [_reference_beam(table, 2, 6)]
+    assert calls == 2
+    assert _brute_force(table, 6) == [A] * 5
+    assert _score(table, [A] * 5, 6) > _score(table, [], 6)
+
+
+@pytest.mark.parametrize("k, max_len, lp", [(2, 3, 1.0), (3, 4, 1.0), (2, 4, 0.5), (3, 3, 2.0)])
+def test_beam_search_matches_the_reference_on_random_tables(monkeypatch, k, max_len, lp):
+    """Two images per batch (one may finish while the other runs), 20 random tables each."""
+    for seed in range(20):
+        tables = []
+        for image in range(2):
+            def table(prefix, image=image):
+                g = np.random.default_rng([seed, image, len(prefix), *prefix])
+                return _dist(*g.dirichlet([1.0, 1.0, 1.0, 1.0]))
+            tables.append(table)
+        got, _ = _beam(monkeypatch, tables, k=k, max_len=max_len, length_penalty=lp)
+        for table, words in zip(tables, got):
+            assert words == _reference_beam(table, k, max_len, lp), (seed, k, max_len, lp)
+            best = _brute_force(table, max_len, lp)
+            assert _score(table, words, max_len, lp) <= _score(table, best, max_len, lp) + 1e-9

@@ -5,10 +5,17 @@ under the seq2seq mask; the head's prediction at the [MASK] position is the next
 hypothesis ends when it predicts [SEP] or reaches ``max_len`` tokens. Every step re-runs the
 whole (short) sequence: no key/value cache, which keeps the model a plain BERT.
 
-Beam search keeps ``beam_size`` running hypotheses per image ranked by summed log-probability;
-finished ones are ranked by ``sum log p / length ** length_penalty`` (the length counts the
-[SEP]), and an image is done once it has ``beam_size`` finished hypotheses that no running one
-can beat (Hugging Face's rule for ``early_stopping=False``).
+Beam search keeps ``beam_size`` (k) running hypotheses per image. Each step extends every
+running hypothesis by every token and walks the extensions in order of summed log-probability:
+an extension by [SEP] becomes a finished hypothesis, ranked by ``sum log p / length **
+length_penalty`` (the length counts the [SEP]), any other becomes a running one, until k running
+ones are found. The k best finished hypotheses are kept, and an image is done once it has k of
+them and the worst scores at least the best running one's ``sum log p / step **
+length_penalty``: no running hypothesis is expected to beat them (Hugging Face's rule for
+``early_stopping=False``; a heuristic, since a longer hypothesis can still gain under length
+normalisation). At ``max_len`` the running hypotheses count as finished (length ``max_len``,
+no [SEP]). ``tests/test_decode.py`` checks these rules against a plain implementation and an
+exhaustive search.
 """
 from __future__ import annotations
 
