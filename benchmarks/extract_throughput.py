@@ -88,7 +88,8 @@ def bench_proposals(name: str, config: Path, n: int, repeat: int, work: Path, ar
 
     from vlkd.data.images import open_image_source, read_image
     from vlkd.extract.detector import BoxSelection, Detector
-    from vlkd.extract.jobs import DecodedItem, Progress
+    from vlkd.extract.decoding import DecodedItem
+    from vlkd.extract.progress import Progress
     from vlkd.extract.proposals import ProposalsConfig, run_proposals, run_window
 
     images = make_images(work / f"images-{name}-{n}", n + 1)
@@ -146,7 +147,7 @@ def rss_child(images: Path, out: Path, workers: int) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from vlkd.extract.jobs import Progress
+    from vlkd.extract.progress import Progress
     from vlkd.extract.proposals import ProposalsConfig, run_proposals
 
     weights = make_weights(CONFIGS / "tiny-c4.yaml", out.with_suffix(".pth"), "cpu")
@@ -236,7 +237,7 @@ def main() -> int:
 
     import torch
 
-    from vlkd.extract.jobs import quiet_library_warnings
+    from vlkd.extract.cli import quiet_library_warnings
     quiet_library_warnings()
     torch.set_num_threads(args.threads)
     n_r50 = args.n_r50 or (2 if args.quick else 3)
@@ -328,7 +329,8 @@ def bench_teacher(name: str, config: Path, n_det: int, work: Path, args) -> dict
     from vlkd.common.regionset import RegionSet
     from vlkd.data.images import open_image_source, read_image
     from vlkd.extract.detector import BoxSelection, Detector
-    from vlkd.extract.jobs import DecodedItem, Progress
+    from vlkd.extract.decoding import DecodedItem
+    from vlkd.extract.progress import Progress
     from vlkd.extract.proposals import ProposalsConfig, run_proposals, run_window
     from vlkd.extract.teacher import TeacherConfig, run_teacher_features, teacher_window
 
@@ -369,7 +371,7 @@ def bench_teacher(name: str, config: Path, n_det: int, work: Path, args) -> dict
                            weights=str(weights), out=str(work / f"t-det-{name}"),
                            shard_index="all", batch_size=args.batch_size,
                            num_workers=args.workers, device=args.device,
-                           precision=args.precision, min_boxes=k, max_boxes=k, progress=False)
+                           precision=args.precision, selection=sel, progress=False)
     det_e2e, _ = timed(lambda: run_proposals(pcfg, progress=quiet(), detector=det))
 
     # The boxes teacher-features pools over: k per image on images 1..n_tf.
@@ -378,8 +380,8 @@ def bench_teacher(name: str, config: Path, n_det: int, work: Path, args) -> dict
     props = work / f"t-props-{name}"
     run_proposals(ProposalsConfig(images=image_list(1, n_tf + 1), config=str(tiny_cfg),
                                   weights=str(tiny_w), out=str(props), shard_index="all",
-                                  num_workers=args.workers, device=args.device, min_boxes=k,
-                                  max_boxes=k, progress=False), progress=quiet())
+                                  num_workers=args.workers, device=args.device,
+                                  selection=sel, progress=False), progress=quiet())
     rs = RegionSet(props)
     boxes = [np.asarray(rs.get(it.image_id).boxes) for it in items[1:]]
     assert sum(len(b) for b in boxes) == k * n_tf

@@ -1,14 +1,37 @@
-"""`vlkd-extract`: phase one of the pipeline (detectron2 boxes and features into region sets)."""
+"""`vlkd-extract`: phase one of the pipeline (detectron2 boxes and features into region sets).
+
+The options of ``proposals``, ``teacher-features`` and ``train-detector`` are generated from their
+dataclasses in ``vlkd.extract.options`` (help text and defaults live there, once). Each of these
+commands also reads a job file (``--job-config FILE``, YAML with the same keys) and ``--set
+key=value`` overrides: defaults, then the file, then the options, then ``--set``. Unknown keys
+are refused with the valid ones. ``--plugin MODULE`` (before the command) imports a module that
+registers custom detectron2 parts (``vlkd.extract.plugins``).
+"""
 from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import warnings
 
 import click
 
 from vlkd import __version__
+from vlkd.common.config import ConfigError, load, option, option_flags, set_option, split_options
+
+from .options import (BACKENDS, FEATURE_DTYPES, LOG_FORMATS, PRECISION_NAMES,
+                      TRAIN_DETECTOR_CONFIG_FILE, ProposalsConfig, TeacherConfig,
+                      TrainDetectorOptions)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--plugin", "plugins", multiple=True, metavar="MODULE",
+              help="Import MODULE before a command that builds a detector (proposals, "
+              "teacher-features, train-detector): it registers custom detectron2 backbones, "
+              "meta-architectures, ROI heads or pooler families. Repeatable; also read from "
+              "VLKD_PLUGINS (comma-separated) and the 'vlkd.plugins' entry points.")
 @click.version_option(__version__, prog_name="vlkd-extract")
-def main() -> None:
+def main(plugins) -> None:
     """Phase one: run detectron2 detectors over images and write region sets.
 
     \b
@@ -21,8 +44,33 @@ def main() -> None:
     """
 
 
+def quiet_library_warnings() -> None:
+    """Silence known, harmless third-party warnings so that stderr carries only the job's own
+    messages (one JSON object per line with ``--log-format json``). Called by the commands
+    only: importing vlkd changes no warning filter."""
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated",
+                            category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"torch\.meshgrid: in an upcoming release",
+                            category=UserWarning)
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+
+
+def _prepare() -> None:
+    """Before a command builds a detector: quiet warnings, import the plugins."""
+    from .plugins import PluginError, load_plugins
+
+    quiet_library_warnings()
+    try:
+        load_plugins(click.get_current_context().find_root().params.get("plugins") or ())
+    except PluginError as e:
+        raise click.ClickException(str(e)) from None
+
+
+# ------------------------------------------------------------------------ generated options
+
 def _options(*opts):
-    """One decorator applying ``opts`` in order (options the extraction jobs share)."""
+    """One decorator applying ``opts`` in order."""
     def apply(f):
         for o in reversed(opts):
             f = o(f)
@@ -30,181 +78,121 @@ def _options(*opts):
     return apply
 
 
-# How a job computes, and how it runs: the same for proposals and teacher-features.
-_compute_options = _options(
-    click.option("--batch-size", default=4, type=click.IntRange(min=1), help="Images per "
-                 "forward pass (only images of the same padded size share one)."),
-    click.option("--num-workers", default=2, type=click.IntRange(min=0),
-                 help="Decoding processes."),
-    click.option("--device", default="cpu", help="cpu, cuda or cuda:N."),
-    click.option("--precision", default="fp32", type=click.Choice(["fp32", "fp16", "bf16"])))
-_run_options = _options(
-    click.option("--trust-pickle", is_flag=True, help="Allow pickle weights (.pkl/.pyth): "
-                 "unpickling runs code from the file."),
-    click.option("--log-format", default="text", type=click.Choice(["text", "json"]),
-                 help="Progress bar and messages, or JSON lines (cluster logs), on stderr."),
-    click.option("--no-progress", is_flag=True, help="No progress bar / progress lines."))
+_job_config_option = click.option(
+    "--job-config", "job_config", default=None, type=click.Path(exists=True, dir_okay=False),
+    metavar="FILE", help="YAML file of this command's options (keys as in the [key] of each "
+    "option, e.g. a set's config.yaml); the command line overrides it.")
 
+
+def _required(schema, key: str) -> bool:
+    f = {f.name: f for f in dataclasses.fields(schema)}.get(key)
+    return f is not None and f.default is dataclasses.MISSING and \
+        f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+
+
+def _opt(schema, key: str, *flags, **kw):
+    """:func:`vlkd.common.config.option`, showing "required" for a key without a default
+    (it may come from --job-config, so click does not enforce it)."""
+    if _required(schema, key):
+        kw.setdefault("default_text", "required")
+    return option(schema, key, *flags, **kw)
+
+
+def _job_options(schema, first=(), specific=()):
+    """The options of an extraction job over ``schema`` (``ProposalsConfig`` or
+    ``TeacherConfig``): ``first``, where the images and the detector are, ``specific`` ones,
+    how it computes and runs, the job file and ``--set``. ``first`` and ``specific`` are
+    ``(key, flag, click kwargs)``."""
+    def o(key, *flags, **kw):
+        return _opt(schema, key, *flags, **kw)
+    return _options(
+        *[o(key, flag, **kw) for key, flag, kw in first],
+        o("images", "--images"),
+        o("image_root", "--image-root"),
+        o("config", "--config", type=click.Path(exists=True, dir_okay=False)),
+        o("weights", "--weights"),
+        o("out", "--out", type=click.Path(file_okay=False)),
+        o("num_shards", "--num-shards", type=click.IntRange(min=1)),
+        o("shard_index", "--shard-index"),
+        o("backend", "--backend", type=click.Choice(BACKENDS)),
+        o("batch_size", "--batch-size", type=click.IntRange(min=1)),
+        o("num_workers", "--num-workers", type=click.IntRange(min=0)),
+        o("device", "--device"),
+        o("precision", "--precision", type=click.Choice(PRECISION_NAMES)),
+        *[o(key, flag, **kw) for key, flag, kw in specific],
+        o("feature_dtype", "--feature-dtype", type=click.Choice(FEATURE_DTYPES)),
+        o("max_pixels", "--max-pixels", type=click.IntRange(min=1)),
+        o("trust_pickle", "--trust-pickle"),
+        o("log_format", "--log-format", type=click.Choice(LOG_FORMATS)),
+        o("progress", "--no-progress"),
+        o("window", "--commit-every", type=click.IntRange(min=0)),
+        _job_config_option,
+        set_option())
+
+
+def _load(schema, job_config, overrides, kwargs, extra=None):
+    """The command's resolved options: defaults <- --job-config <- options <- --set."""
+    ctx = click.get_current_context()
+    opts, _ = split_options(kwargs)
+    opts.update(extra or {})
+    flags = option_flags(ctx.command)
+    try:
+        return load(schema, job_config, options=opts, overrides=overrides, option_names=flags)
+    except ConfigError as e:
+        m = re.search(r"missing mandatory value: (\S+)", str(e))
+        if m:
+            key = m.group(1)
+            raise click.UsageError(
+                f"Missing option '{flags.get(key, key)}' (or '{key}:' in --job-config, or "
+                f"--set {key}=...)") from None
+        raise click.UsageError(str(e)) from None
+    except ValueError as e:  # a dataclass's own check (e.g. --min-boxes > --max-boxes)
+        raise click.UsageError(str(e)) from None
+
+
+# ---------------------------------------------------------------------------------- proposals
 
 @main.command("proposals")
-@click.option("--images", required=True, help="Image folder, list file (path[<TAB>id]), COCO JSON "
-              "or Karpathy dataset_coco.json.")
-@click.option("--image-root", default=None, help="Folder that relative paths in JSON/list "
-              "sources are relative to.")
-@click.option("--config", "config", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="detectron2 YAML config (_BASE_ may be 'model_zoo:<name>').")
-@click.option("--weights", required=True, help=".pth/.pt/.safetensors weights (.pkl/.pyth "
-              "only with --trust-pickle).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Region-set "
-              "directory (created; an existing set made with the same settings is resumed).")
-@click.option("--num-shards", default=1, type=click.IntRange(min=1), help="Shards of the set.")
-@click.option("--shard-index", default=None, help="Shard to write, or 'all'. Default: "
-              "SLURM_ARRAY_TASK_ID, JOB_COMPLETION_INDEX or AWS_BATCH_JOB_ARRAY_INDEX.")
-@click.option("--backend", default="hdf5", type=click.Choice(["hdf5", "zarr"]))
-@_compute_options
-@click.option("--score-thresh", default=0.2, type=float, help="Keep detections above this.")
-@click.option("--nms-thresh", default=0.5, type=float, help="Per-class NMS IoU threshold.")
-@click.option("--min-boxes", default=10, type=click.IntRange(min=0), help="Top up to this many "
-              "boxes from lower-scoring detections.")
-@click.option("--max-boxes", default=100, type=click.IntRange(min=0), help="At most this many.")
-@click.option("--feature-dtype", default="float16", type=click.Choice(["float16", "float32"]))
-@click.option("--max-failures", default="1%", help="Exit non-zero (3) when more images fail: a "
-              "count (5), fraction (0.01) or percentage (1%).")
-@click.option("--max-pixels", default=None, type=click.IntRange(min=1), help="Refuse images "
-              "larger than this many pixels (decompression bombs). [default: 89478485]")
-@_run_options
-@click.option("--commit-every", default=0, type=click.IntRange(min=0), help="Images per "
-              "commit, which is also the window within which same-size images are batched "
-              "(0: max(32, 8 x batch size)). A killed job resumes from the last commit.")
-def proposals_cmd(images, image_root, config, weights, out, num_shards, shard_index, backend,
-                  batch_size, num_workers, device, precision, score_thresh, nms_thresh,
-                  min_boxes, max_boxes, feature_dtype, max_failures, max_pixels, trust_pickle,
-                  log_format, no_progress, commit_every) -> None:
+@_job_options(ProposalsConfig, specific=[
+    ("selection.score_thresh", "--score-thresh", dict(type=float)),
+    ("selection.nms_thresh", "--nms-thresh", dict(type=float)),
+    ("selection.min_boxes", "--min-boxes", dict(type=click.IntRange(min=0))),
+    ("selection.max_boxes", "--max-boxes", dict(type=click.IntRange(min=0))),
+    ("max_failures", "--max-failures", {})])
+def proposals_cmd(job_config, overrides, **kwargs) -> None:
     """Detect boxes and pool the detector's own features over them (phase one, step one).
 
     Exit status: 0 done; 1 refused or failed (the message says why); 3 more images failed
     to decode than --max-failures allows (the set is still written; failures are listed in
     its manifest).
     """
-    from vlkd.extract.jobs import quiet_library_warnings
-    quiet_library_warnings()
+    cfg = _load(ProposalsConfig, job_config, overrides, kwargs)
+    _prepare()
     from vlkd.common.regionset import RegionSetError
-    from vlkd.data.images import DEFAULT_MAX_PIXELS, ImageSourceError
+    from vlkd.data.images import ImageSourceError
     from vlkd.extract.detector import DetectorError
-    from vlkd.extract.proposals import ProposalsConfig, SetMismatchError, run_proposals
+    from vlkd.extract.proposals import SetMismatchError, run_proposals
 
-    cfg = ProposalsConfig(
-        images=images, image_root=image_root, config=config, weights=weights, out=out,
-        num_shards=num_shards, shard_index=shard_index, backend=backend,
-        batch_size=batch_size, num_workers=num_workers, device=device, precision=precision,
-        score_thresh=score_thresh, nms_thresh=nms_thresh, min_boxes=min_boxes,
-        max_boxes=max_boxes, feature_dtype=feature_dtype, max_failures=max_failures,
-        max_pixels=max_pixels or DEFAULT_MAX_PIXELS, trust_pickle=trust_pickle,
-        log_format=log_format, progress=not no_progress, window=commit_every)
     try:
         result = run_proposals(cfg)
     except (DetectorError, ImageSourceError, SetMismatchError, RegionSetError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     if result.failures_exceeded:
         click.echo(f"vlkd-extract proposals: {result.num_failures} of {result.num_images} "
-                   f"images failed, more than --max-failures {max_failures} allows "
+                   f"images failed, more than --max-failures {cfg.max_failures} allows "
                    f"({result.limit.allowed(result.num_images):.4g}); the reasons are in "
-                   f"{out}/manifest.json 'failures'", err=True)
+                   f"{cfg.out}/manifest.json 'failures'", err=True)
         raise SystemExit(3)
 
 
-
-# --- train-detector (detector training for the demo; extract/detector_training.py) ----------
-
-@main.command("train-detector")
-@click.option("--config", "config", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="detectron2 YAML config (_BASE_ may be 'model_zoo:<name>'), e.g. "
-              "configs/demo/student_detector.yaml.")
-@click.option("--train-json", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="COCO instances JSON of the training images.")
-@click.option("--image-root", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Folder the training JSON's file_name entries are relative to.")
-@click.option("--val-json", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="COCO instances JSON for box AP (none: no evaluation).")
-@click.option("--val-image-root", default=None, type=click.Path(exists=True, file_okay=False),
-              help="Folder of the validation images [default: --image-root].")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder: "
-              "model_final.pth, config.yaml, class_names.json, metrics.json, train_log.jsonl.")
-@click.option("--max-iter", default=None, type=click.IntRange(min=1),
-              help="Training iterations [default: the config's SOLVER.MAX_ITER].")
-@click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
-@click.option("--num-threads", default=None, type=click.IntRange(min=1), help="CPU threads "
-              "for torch [default: torch's choice]. On a small CPU, two trainings with one "
-              "thread each finish sooner than one after the other with two.")
-@click.argument("opts", nargs=-1)
-def train_detector_cmd(config, train_json, image_root, val_json, val_image_root, out, max_iter,
-                       device, num_threads, opts) -> None:
-    """Train a detector from scratch with detectron2's training loop and report its box AP.
-
-    OPTS are detectron2 config overrides, KEY VALUE pairs (SOLVER.BASE_LR 0.01). Progress goes
-    to stderr; the metrics JSON is printed on stdout at the end.
-    """
-    import json
-    import logging
-    import sys
-
-    from vlkd.extract.jobs import quiet_library_warnings
-    quiet_library_warnings()
-    from vlkd.extract.detector import DetectorError
-    from vlkd.extract.detector_training import train_detector
-
-    if len(opts) % 2:
-        raise click.UsageError(f"config overrides come in KEY VALUE pairs; got {len(opts)} "
-                               f"words: {' '.join(opts)}")
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if num_threads is not None:
-        import torch
-        torch.set_num_threads(num_threads)
-    try:
-        metrics = train_detector(config, train_json, image_root, out, val_json=val_json,
-                                 val_image_root=val_image_root, max_iter=max_iter,
-                                 device=device, opts=opts)
-    except (DetectorError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(json.dumps(metrics, indent=1))
-
-
-# --- teacher-features, validate, inspect (extract/teacher.py, alignment.py, inspect.py) ----
+# --------------------------------------------------------------------------- teacher-features
 
 @main.command("teacher-features")
-@click.option("--proposals", required=True, type=click.Path(exists=True, file_okay=False),
-              help="The proposals set (student boxes) to align with.")
-@click.option("--images", required=True, help="Image folder, list file, COCO JSON or Karpathy "
-              "JSON holding the images proposals read; may be another root (matched by id).")
-@click.option("--image-root", default=None, help="Folder that relative paths in JSON/list "
-              "sources are relative to.")
-@click.option("--config", "config", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="The teacher's detectron2 YAML config.")
-@click.option("--weights", required=True, help="The teacher's weights (.pth/.pt/.safetensors; "
-              ".pkl/.pyth only with --trust-pickle).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Teacher-features "
-              "set directory (an existing one made from the same proposals and teacher is "
-              "resumed).")
-@click.option("--num-shards", default=None, type=click.IntRange(min=1), help="Must equal the "
-              "proposals' shard count. [default: the proposals']")
-@click.option("--shard-index", default=None, help="Shard to write, or 'all'. Default: "
-              "SLURM_ARRAY_TASK_ID, JOB_COMPLETION_INDEX or AWS_BATCH_JOB_ARRAY_INDEX.")
-@click.option("--backend", default=None, type=click.Choice(["hdf5", "zarr"]),
-              help="[default: the proposals']")
-@_compute_options
-@click.option("--feature-dtype", default="float16", type=click.Choice(["float16", "float32"]))
-@click.option("--max-pixels", default=None, type=click.IntRange(min=1), help="Refuse images "
-              "larger than this many pixels (decompression bombs). [default: 89478485]")
-@click.option("--verify-images", is_flag=True, help="Require each image's bytes to have the "
-              "content hash proposals recorded.")
-@_run_options
-@click.option("--commit-every", default=0, type=click.IntRange(min=0), help="Images per "
-              "commit and batching window (0: max(32, 8 x batch size)).")
-def teacher_features_cmd(proposals, images, image_root, config, weights, out, num_shards,
-                         shard_index, backend, batch_size, num_workers, device, precision,
-                         feature_dtype, max_pixels, verify_images, trust_pickle, log_format,
-                         no_progress, commit_every) -> None:
+@_job_options(TeacherConfig,
+              first=[("proposals", "--proposals", dict(type=click.Path(exists=True,
+                                                                        file_okay=False)))],
+              specific=[("verify_images", "--verify-images", {})])
+def teacher_features_cmd(job_config, overrides, **kwargs) -> None:
     """Pool the teacher's features over the student's boxes (Visual Token Alignment).
 
     Output shard i holds the images of proposals shard i in the same order, the same boxes
@@ -212,28 +200,76 @@ def teacher_features_cmd(proposals, images, image_root, config, weights, out, nu
 
     Exit status: 0 done; 1 refused or failed (the message says what differs and what to do).
     """
-    from vlkd.extract.jobs import quiet_library_warnings
-    quiet_library_warnings()
-    from vlkd.common.regionset import RegionSetError
-    from vlkd.data.images import DEFAULT_MAX_PIXELS, ImageSourceError
+    cfg = _load(TeacherConfig, job_config, overrides, kwargs)
+    _prepare()
     from vlkd.common.alignment import AlignmentError
+    from vlkd.common.regionset import RegionSetError
+    from vlkd.data.images import ImageSourceError
     from vlkd.extract.detector import DetectorError
-    from vlkd.extract.teacher import TeacherConfig, TeacherImageError, run_teacher_features
+    from vlkd.extract.teacher import TeacherImageError, run_teacher_features
 
-    cfg = TeacherConfig(
-        proposals=proposals, images=images, image_root=image_root, config=config,
-        weights=weights, out=out, num_shards=num_shards, shard_index=shard_index,
-        backend=backend, batch_size=batch_size, num_workers=num_workers, device=device,
-        precision=precision, feature_dtype=feature_dtype,
-        max_pixels=max_pixels or DEFAULT_MAX_PIXELS, verify_images=verify_images,
-        trust_pickle=trust_pickle, log_format=log_format, progress=not no_progress,
-        window=commit_every)
     try:
         run_teacher_features(cfg)
     except (AlignmentError, TeacherImageError, DetectorError, ImageSourceError,
             RegionSetError, ValueError) as e:
         raise click.ClickException(str(e)) from None
 
+
+# ----------------------------------------------------------------------------- train-detector
+
+def _td(key, *flags, **kw):
+    return _opt(TrainDetectorOptions, key, *flags, **kw)
+
+
+@main.command("train-detector")
+@_td("config", "--config", type=click.Path(exists=True, dir_okay=False))
+@_td("train_json", "--train-json", type=click.Path(exists=True, dir_okay=False))
+@_td("image_root", "--image-root", type=click.Path(exists=True, file_okay=False))
+@_td("val_json", "--val-json", type=click.Path(exists=True, dir_okay=False))
+@_td("val_image_root", "--val-image-root", type=click.Path(exists=True, file_okay=False))
+@_td("out", "--out", type=click.Path(file_okay=False))
+@_td("max_iter", "--max-iter", type=click.IntRange(min=1))
+@_td("device", "--device")
+@_td("num_threads", "--num-threads", type=click.IntRange(min=1))
+@_job_config_option
+@set_option()
+@click.argument("opts", nargs=-1)
+def train_detector_cmd(job_config, overrides, opts, **kwargs) -> None:
+    """Train a detector from scratch with detectron2's training loop and report its box AP.
+
+    OPTS are detectron2 config overrides, KEY VALUE pairs (SOLVER.BASE_LR 0.01). Progress goes
+    to stderr; the metrics JSON is printed on stdout at the end. The resolved options are
+    saved as train-detector.yaml in --out.
+    """
+    import json
+    import sys
+
+    cfg = _load(TrainDetectorOptions, job_config, overrides, kwargs,
+                extra={"opts": list(opts) or None})
+    if len(cfg.opts) % 2:
+        raise click.UsageError(f"config overrides come in KEY VALUE pairs; got "
+                               f"{len(cfg.opts)} words: {' '.join(cfg.opts)}")
+    _prepare()
+    from vlkd.common.config import save
+    from vlkd.extract.detector import DetectorError
+    from vlkd.extract.detector_training import train_detector
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if cfg.num_threads is not None:
+        import torch
+        torch.set_num_threads(cfg.num_threads)
+    try:
+        metrics = train_detector(cfg.config, cfg.train_json, cfg.image_root, cfg.out,
+                                 val_json=cfg.val_json, val_image_root=cfg.val_image_root,
+                                 max_iter=cfg.max_iter, device=cfg.device, opts=cfg.opts)
+    except (DetectorError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    save(cfg, cfg.out, TRAIN_DETECTOR_CONFIG_FILE)
+    click.echo(json.dumps(metrics, indent=1))
+
+
+# ------------------------------------------- validate, inspect, status (extract/inspect.py, ...)
 
 @main.command("validate")
 @click.argument("set_dir", type=click.Path(exists=True, file_okay=False))

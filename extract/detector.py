@@ -44,10 +44,11 @@ from detectron2.layers import batched_nms
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, ImageList
 
-from vlkd.common.regionset import bytes_digest, file_digest
+from vlkd.common.digest import bytes_digest, file_digest
 
-from .pooling import feature_dim as _feature_dim
-from .pooling import pool_box_features, roi_heads_kind
+from .options import PRECISION_NAMES, BoxSelection
+from .plugins import config_hooks
+from .pooling import UnsupportedROIHeadsError, pool_box_features, pooler_for
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +122,8 @@ def load_detector_config(path: str | os.PathLike, opts: Sequence[str] = ()) -> C
     """
     merged = _load_yaml_with_base(Path(path))
     cfg = get_cfg()
+    for add_config in config_hooks():  # config keys of plugins' backbones / heads
+        add_config(cfg)
     # merge_from_file also upgrades configs written for older detectron2 versions.
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(merged, f)
@@ -283,34 +286,6 @@ class Preprocessing:
 
 # --------------------------------------------------------------------------- box selection
 
-@dataclass(frozen=True)
-class BoxSelection:
-    """Which detections become an image's regions.
-
-    Attributes:
-        score_thresh: keep (box, class) pairs scoring above this.
-        nms_thresh: per-class NMS IoU threshold.
-        min_boxes: when fewer pairs survive, top up with the best lower-scoring pairs (after
-            the same per-class NMS), as VinVL lowers its threshold to reach a minimum.
-        max_boxes: keep at most this many, best first.
-        topup_pool: how many of the best sub-threshold pairs enter the top-up NMS at first
-            (grown if NMS leaves too few).
-    """
-
-    score_thresh: float = 0.2
-    nms_thresh: float = 0.5
-    min_boxes: int = 10
-    max_boxes: int = 100
-    topup_pool: int = 1000
-
-    def __post_init__(self):
-        if not 0 <= self.min_boxes <= self.max_boxes:
-            raise ValueError(f"need 0 <= --min-boxes <= --max-boxes, got min {self.min_boxes}"
-                             f", max {self.max_boxes}")
-        if not 0 < self.nms_thresh <= 1:
-            raise ValueError(f"--nms-thresh must be in (0, 1], got {self.nms_thresh}")
-
-
 @dataclass
 class Detections:
     """One image's selected detections in the resized frame, best first.
@@ -382,7 +357,7 @@ def select_boxes(pred_boxes: torch.Tensor, probs: torch.Tensor, image_hw: tuple[
 
 # --------------------------------------------------------------------------------- detector
 
-PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = dict(zip(PRECISION_NAMES, (None, torch.float16, torch.bfloat16)))
 
 
 class Detector:
@@ -391,7 +366,8 @@ class Detector:
     Attributes:
         cfg: resolved config.
         model: the GeneralizedRCNN.
-        kind: ``"C4"`` or ``"FPN"``.
+        pooler: the ROI-head family that pools over given boxes (``vlkd.extract.pooling``).
+        kind: the family's kind, ``"C4"``, ``"FPN"`` or a registered family's.
         feature_dim: D of a pooled region feature.
         class_names: K names (``thing_classes`` of ``DATASETS.TEST[0]`` when its length is K,
             else ``class_0..``).
@@ -408,8 +384,12 @@ class Detector:
         self.cfg = cfg
         self.model = model.eval()
         self.name = name
-        self.kind = roi_heads_kind(model.roi_heads)
-        self.feature_dim = _feature_dim(model.roi_heads)
+        try:
+            self.pooler = pooler_for(model.roi_heads)
+        except UnsupportedROIHeadsError as e:
+            raise DetectorError(str(e)) from None
+        self.kind = self.pooler.kind
+        self.feature_dim = self.pooler.feature_dim
         self.preprocessing = Preprocessing.from_config(cfg)
         self.config_digest = config_digest(cfg)
         self.weights_digest = weights_digest
@@ -454,7 +434,17 @@ class Detector:
         cfg.defrost()
         cfg.MODEL.DEVICE = str(device)
         cfg.freeze()
-        model = build_model(cfg)
+        try:
+            model = build_model(cfg)
+        except KeyError as e:
+            if "registry" not in str(e):
+                raise
+            raise DetectorError(
+                f"{config}: {e.args[0] if e.args else e} detectron2 knows only the backbones, "
+                "meta-architectures and heads that were imported; if this one is your own (or "
+                "a detectron2 project's), load the module that registers it with "
+                "`vlkd-extract --plugin MODULE`, the VLKD_PLUGINS variable or a "
+                "'vlkd.plugins' entry point") from None
         load_weights(model, weights, trust_pickle=trust_pickle)
         # a trained detector's folder (detectors/student/config.yaml) names it better than "config"
         name = Path(config).stem

@@ -18,6 +18,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import random
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import h5py
@@ -36,7 +41,8 @@ DETECTOR_CONFIGS = {"c4": ROOT / "configs" / "detectors" / "tiny-c4.yaml",
 BOX_DELTA = (1.0, 0.5, 0.5, -0.25)
 
 __all__ = ["DETECTOR_CONFIGS", "committed_images", "tiny_model", "save_tiny_weights", "tiny_weights",
-           "make_images", "reference_features", "read_shards", "resized_hw_reference"]
+           "make_images", "reference_features", "read_shards", "resized_hw_reference",
+           "sigkill_after_first_commit"]
 
 
 def tiny_model(kind: str, seed: int = 0):
@@ -191,3 +197,32 @@ def committed_images(commit_json: Path) -> int:
         return json.loads(Path(commit_json).read_text())["num_images"]
     except (OSError, ValueError, KeyError):
         return 0
+
+
+def sigkill_after_first_commit(argv: list[str], commit_json: Path, max_delay: float
+                               ) -> tuple[int, str, int]:
+    """Run ``argv`` (a ``vlkd-extract`` job, one thread) and SIGKILL it at a random point after
+    its partial shard first committed images.
+
+    ``commit.json`` exists (with 0 images) as soon as the shard is staged: the kill waits for a
+    commit that holds images, so it lands mid-shard and the re-run has something to resume.
+
+    Returns:
+        (the process's return code, the tail of its stderr, the seed of the delay).
+    """
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    seed = random.randrange(1 << 30)
+    delay = random.Random(seed).uniform(0.0, max_delay)
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        t0 = time.monotonic()
+        while not committed_images(commit_json) and proc.poll() is None \
+                and time.monotonic() - t0 < 120:
+            time.sleep(0.01)
+        time.sleep(delay)  # a random point after the first commit of images
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, proc.stderr.read().decode()[-2000:], seed

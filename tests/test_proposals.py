@@ -1,12 +1,8 @@
 """`vlkd-extract proposals` end to end on tiny C4 and FPN detectors and generated images."""
 import io
 import json
-import os
-import random
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +11,14 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from extract_fixtures import (DETECTOR_CONFIGS, committed_images, make_images, read_shards,
-                              reference_features,
-                              save_tiny_weights, tiny_model, tiny_weights)  # noqa: F401
+from extract_fixtures import (DETECTOR_CONFIGS, make_images, read_shards, reference_features,
+                              save_tiny_weights, sigkill_after_first_commit, tiny_model,
+                              tiny_weights)  # noqa: F401
 from vlkd.common.manifest import read_manifest
 from vlkd.common.regionset import RegionSet, file_digest
 from vlkd.common.validate import validate_region_set
 from vlkd.extract.cli import main
-from vlkd.extract.jobs import FailureLimit
+from vlkd.extract.job import FailureLimit
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,22 +146,9 @@ def test_sigkill_then_rerun_gives_the_same_set(tiny_weights, tmp_path):
             str(tmp_path / "imgs"), "--config", str(DETECTOR_CONFIGS["fpn"]), "--weights",
             str(w), "--out", str(out), "--shard-index", "all", "--num-workers", "0",
             "--no-progress", *common]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     commit = out / "shard-00000-of-00001.h5.partial" / "commit.json"
-    seed = random.randrange(1 << 30)
-    delay = random.Random(seed).uniform(0.0, 0.4)
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        t0 = time.monotonic()
-        while not committed_images(commit) and proc.poll() is None and time.monotonic() - t0 < 120:
-            time.sleep(0.01)
-        time.sleep(delay)  # a random point after the first commit of images
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL, (seed, proc.stderr.read().decode()[-2000:])
+    returncode, stderr, seed = sigkill_after_first_commit(argv, commit, 0.4)
+    assert returncode == -signal.SIGKILL, (seed, stderr)
     assert not (out / "shard-00000-of-00001.h5").exists()
 
     res = run("fpn", w, tmp_path / "imgs", out, *common, "--log-format", "json")

@@ -6,12 +6,9 @@ match the independent computation below.
 """
 import json
 import os
-import random
 import shutil
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -21,9 +18,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from extract_fixtures import (DETECTOR_CONFIGS, committed_images, make_images, read_shards,
-                              reference_features,
-                              save_tiny_weights, tiny_model)
+from extract_fixtures import (DETECTOR_CONFIGS, make_images, read_shards, reference_features,
+                              save_tiny_weights, sigkill_after_first_commit, tiny_model)
 from vlkd.common.manifest import manifest_digest, read_manifest, write_manifest
 from vlkd.common.regionset import RegionSet, ShardReader, ShardWriter, file_digest
 from vlkd.common.validate import validate_region_set
@@ -380,25 +376,9 @@ def test_sigkill_then_rerun_gives_the_same_set(world, tmp_path):
             str(world["teacher_yaml"]["c4"]), "--weights", str(world["teacher_w"]["c4"]),
             "--out", str(out), "--shard-index", "all", "--num-workers", "0", "--no-progress",
             *common]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     commit = out / "shard-00000-of-00001.h5.partial" / "commit.json"
-    seed = random.randrange(1 << 30)
-    delay = random.Random(seed).uniform(0.0, 0.3)
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        t0 = time.monotonic()
-        # commit.json exists (with 0 images) as soon as the shard is staged: wait for a commit
-        # that holds images, so the kill lands mid-shard and the re-run has something to resume
-        while not committed_images(commit) and proc.poll() is None \
-                and time.monotonic() - t0 < 120:
-            time.sleep(0.01)
-        time.sleep(delay)  # a random point after the first commit of images
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL, (seed, proc.stderr.read().decode()[-2000:])
+    returncode, stderr, seed = sigkill_after_first_commit(argv, commit, 0.3)
+    assert returncode == -signal.SIGKILL, (seed, stderr)
     assert not (out / "shard-00000-of-00001.h5").exists()
 
     res = teacher(world, props, out, *common, "--log-format", "json", images=tmp_path / "imgs")
