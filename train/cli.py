@@ -50,14 +50,6 @@ def _key(key: str, *flags: str, **kwargs):
     return option(RunConfig, key, *flags, **kwargs)
 
 
-def _options(*opts):
-    def deco(f):
-        for o in reversed(opts):
-            f = o(f)
-        return f
-    return deco
-
-
 class _TaskChoice(click.Choice):
     """The registered task names (:data:`vlkd.train.tasks.TASKS`), read when first needed, so
     that importing the command line does not import the model.
@@ -85,7 +77,7 @@ _config_option = click.option(
     "--config", "config_path", type=click.Path(dir_okay=False),
     help="YAML config (sections model/data/task/optim/train/distill/eval/losses).")
 
-_common_options = _options(
+_COMMON_OPTIONS = [
     _config_option,
     _key("train.output_dir", "--output-dir", "-o"),
     _key("task.name", "--task", type=_TaskChoice()),
@@ -109,7 +101,13 @@ _common_options = _options(
     click.option("--resume", type=click.Path(exists=True),
                  help="Continue from a checkpoint directory, or the latest in a run directory."),
     set_option(),
-)
+]
+
+
+def _common_options(f):
+    for o in reversed(_COMMON_OPTIONS):
+        f = o(f)
+    return f
 
 
 def _resolve_config(config_path, options: dict, overrides):
