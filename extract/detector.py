@@ -132,7 +132,9 @@ def load_detector_config(path: str | os.PathLike, opts: Sequence[str] = ()) -> C
         cfg.merge_from_file(tmp)
     except KeyError as e:
         raise DetectorError(f"{path}: {e}; the key is not a detectron2 config key (a typo, or "
-                            "a config for a detectron2 project that is not imported)") from None
+                            "a config for a detectron2 project that is not imported: load the "
+                            "module that declares its keys with `vlkd-extract --plugin MODULE`"
+                            ")") from None
     finally:
         os.unlink(tmp)
     if opts:

@@ -261,3 +261,50 @@ def test_box_frames():
     # Back to the original frame clips to the image.
     out = boxes_to_original(torch.tensor([[-16.0, 8, 400, 200]]), (100, 200), (160, 320))
     np.testing.assert_allclose(out, [[0, 5, 200, 100]])
+
+
+def test_pooler_registry_picks_the_nearest_family_and_refuses_unknown_heads():
+    from detectron2.modeling.roi_heads import CascadeROIHeads, ROIHeads, Res5ROIHeads
+    from torch import nn
+
+    from vlkd.extract.pooling import (POOLERS, C4Family, FPNFamily, UnsupportedROIHeadsError,
+                                      family_class, pooler_for)
+
+    def heads(cls, **attrs):
+        rh = cls.__new__(cls)  # an unbuilt instance: only its class and attributes matter
+        nn.Module.__init__(rh)
+        for k, v in attrs.items():
+            setattr(rh, k, v)
+        return rh
+
+    assert {"C4Family", "FPNFamily"} <= {name for name, _ in POOLERS}
+    assert (C4Family.kind, C4Family.description) == ("C4", "res5 + mean pool")
+    assert (FPNFamily.kind, FPNFamily.description) == ("FPN", "box_pooler + box_head")
+
+    class VinVLLikeHeads(Res5ROIHeads):
+        pass
+
+    class Deeper(VinVLLikeHeads):
+        pass
+
+    assert family_class(heads(VinVLLikeHeads)) is C4Family  # a subclass is served by C4 ...
+
+    @POOLERS.register()
+    class VinVLLikeFamily(C4Family):
+        kind, description, heads = "VINVL-LIKE", "res5 + mean pool (test)", (VinVLLikeHeads,)
+
+    try:  # ... until a family registers for it: the nearest class in the MRO wins
+        assert family_class(heads(VinVLLikeHeads)) is VinVLLikeFamily
+        assert family_class(heads(Deeper)) is VinVLLikeFamily
+        assert family_class(heads(Res5ROIHeads)) is C4Family
+    finally:
+        POOLERS._obj_map.pop("VinVLLikeFamily")  # registries are per process
+
+    class Other(ROIHeads):
+        pass
+
+    with pytest.raises(UnsupportedROIHeadsError, match="ROI heads Other are not supported"):
+        pooler_for(heads(Other))
+    cascade = heads(CascadeROIHeads, box_head=nn.ModuleList())  # one box head per stage
+    with pytest.raises(UnsupportedROIHeadsError, match="single box head"):
+        pooler_for(cascade)
