@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vlkd.common.alignment import TEACHER_ROLE, AlignmentError, require_aligned
+from vlkd.common.alignment import TEACHER_ROLE, AlignmentError, require_aligned, short
 from vlkd.common.regionset import ImageRegions, RegionSet, ShardReader
 
 log = logging.getLogger(__name__)
@@ -506,8 +506,8 @@ class RegionStream(IterableDataset):
                 if tea.box_digest != reg.box_digest or tea.image_id != reg.image_id:
                     raise AlignmentError(
                         f"shard {p.index} image {reg.image_id!r}: teacher boxes differ from "
-                        f"the student's (digest {_hex(tea.box_digest)} ≠ "
-                        f"{_hex(reg.box_digest)}); the sets changed since the run started")
+                        f"the student's (digest {short(tea.box_digest.hex())} ≠ "
+                        f"{short(reg.box_digest.hex())}); the sets changed since the run started")
                 tea = _copy_small(tea)
             if rg is not None:
                 o = rg.offsets
