@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 __all__ = ["ConfigError", "load", "merge_values", "to_dict", "to_yaml", "save", "field_help",
-           "field_default", "option", "set_option", "split_options", "schema_keys"]
+           "field_default", "option", "set_option", "split_options", "schema_keys", "plain_text",
+           "option_flags"]
 
 T = TypeVar("T")
 #: Prefix of the click parameter names :func:`option` makes (``cfg__data__batch_size``).
@@ -128,6 +129,15 @@ def field_help(cls: type) -> dict[str, str]:
                 break
         flush()
     return out
+
+
+_ROLE = re.compile(r":[a-z]+:`~?([^`<]+?)(?:\s*<[^>]*>)?`")
+_LITERAL = re.compile(r"``([^`]+)``")
+
+
+def plain_text(text: str) -> str:
+    """Docstring markup made readable in a terminal (``x`` -> x, :class:`~a.B` -> a.B)."""
+    return _LITERAL.sub(r"\1", _ROLE.sub(r"\1", text))
 
 
 def field_default(schema: type, key: str) -> Any:
@@ -235,10 +245,13 @@ def load(schema: type[T], path: str | os.PathLike | None = None, *,
         key = item.split("=", 1)[0].strip()
         if not key or any(not p for p in key.split(".")):
             raise ConfigError(f"--set {item!r}: empty key component")
-        try:
-            dot = OmegaConf.from_dotlist([item])
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"--set {item!r}: {e}") from None
+        if not item.split("=", 1)[1].strip():  # "key=" sets an empty string, not null
+            dot = _nest({key: ""})
+        else:
+            try:
+                dot = OmegaConf.from_dotlist([item])
+            except OmegaConfBaseException as e:
+                raise ConfigError(f"--set {item!r}: {e}") from None
         cfg = merge_values(cfg, dot, f"--set {item}")
     try:
         return OmegaConf.to_object(cfg)
@@ -310,7 +323,8 @@ def option(schema: type, key: str, *param_decls: str, help: str | None = None,
 
     _, f, typ = _resolve(schema, key)
     inner, _optional = _unwrap_optional(typ)
-    text = help if help is not None else field_help(_resolve(schema, key)[0]).get(f.name, "")
+    text = help if help is not None else plain_text(
+        field_help(_resolve(schema, key)[0]).get(f.name, ""))
     shown = default_text if default_text is not None else _show(field_default(schema, key))
     suffix = f"[{key}; default: {shown}]" if show_key else f"[default: {shown}]"
     kwargs: dict[str, Any] = dict(default=None, show_default=False,

@@ -126,3 +126,12 @@ def test_generated_options_take_help_and_default_from_the_schema():
         "3 False x {}"
     assert r.invoke(cmd, ["--steps", "3", "--set", "inner.steps=4"]).output.strip() == \
         "4 True runs {}"
+
+
+def test_empty_set_value_is_an_empty_string_and_help_markup_is_plain():
+    from vlkd.common.config import plain_text
+
+    c = load(Outer, overrides=["inner.name=", "out="])
+    assert (c.inner.name, c.out) == ("", "")
+    assert plain_text("the ``data.split`` of :class:`~vlkd.train.model.VLConfig`") == \
+        "the data.split of vlkd.train.model.VLConfig"
