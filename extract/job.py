@@ -52,7 +52,8 @@ from vlkd.common.alignment import GROWING_KEYS
 from vlkd.common.config import save as save_config
 from vlkd.common.config import to_dict
 from vlkd.common.manifest import update_manifest
-from vlkd.common.regionset import ShardWriter
+from vlkd.common.digest import box_digest
+from vlkd.common.regionset import ImageRegions, ShardWriter
 from vlkd.data.images import ImageRecord
 
 from .batching import WindowBatcher
@@ -63,27 +64,22 @@ from .progress import Progress
 
 # ----------------------------------------------------------------------------------- results
 
-@dataclass
-class ImageRegions:
-    """One image's regions, as a shard stores them.
+def image_regions(image_id: str, image_hw: tuple[int, int], boxes: np.ndarray,
+                  scores: np.ndarray, classes: np.ndarray, features: np.ndarray,
+                  image_digest: bytes, extras: dict | None = None) -> ImageRegions:
+    """One image's regions as a shard stores them (the format's :class:`ImageRegions`).
 
-    Attributes:
-        image_id: the image's id.
-        image_hw: original (height, width).
+    Args:
+        image_id, image_hw: the image's id and original (height, width).
         boxes: (n, 4) float32, x1 y1 x2 y2 in original pixels.
-        scores: (n,) float32.
-        classes: (n,) int32.
+        scores: (n,) float32; classes: (n,) int32.
         features: (n, D) in the stored dtype, row j describes box j.
         image_digest: 16-byte digest of the image file's bytes.
+        extras: the set's optional per-region arrays, ``{name: (n, width)}``.
     """
-
-    image_id: str
-    image_hw: tuple[int, int]
-    boxes: np.ndarray
-    scores: np.ndarray
-    classes: np.ndarray
-    features: np.ndarray
-    image_digest: bytes
+    return ImageRegions(image_id, tuple(image_hw), boxes, scores, classes, features,
+                        box_digest(boxes), image_digest,
+                        **({"extras": extras} if extras else {}))
 
 
 @dataclass
@@ -108,7 +104,8 @@ def _write_window(writer: ShardWriter, results: list[ImageRegions | Failure]) ->
             writer.add_failure(res.image_id, res.reason)
         else:
             writer.append(res.image_id, res.image_hw, res.boxes, res.scores, res.classes,
-                          res.features, image_digest=res.image_digest)
+                          res.features, image_digest=res.image_digest,
+                          extras=dict(res.extras) or None)
     writer.commit()  # windows are the unit of resume: commit exactly at their ends
 
 
@@ -517,6 +514,13 @@ class ImageJob(ShardJob):
                 "num_shards": self.num_shards, "image_source": image_source,
                 "tool_version": __version__}
 
+    def start_fields(self, indices: list[int]) -> dict:
+        """The ``start`` event's fields every detector job reports."""
+        det = self.det
+        return dict(num_shards=self.num_shards, shards=indices, detector=det.name,
+                    kind=det.kind, feature_dim=det.feature_dim, device=self.options.device,
+                    out=str(self.out))
+
     @abc.abstractmethod
     def run_batch(self, items: list[DecodedItem], payloads: list[Any]) -> list[ImageRegions]:
         """Images of one padded size (with what each was added with) -> their regions."""
@@ -556,6 +560,6 @@ class ImageShard(Shard):
         return self._todo[item.position]
 
 
-__all__ = ["ImageRegions", "Failure", "with_failures", "FailureLimit", "BackgroundWriter",
+__all__ = ["image_regions", "Failure", "with_failures", "FailureLimit", "BackgroundWriter",
            "short", "refuse", "check_set_header", "check_options", "Shard", "ShardJob",
            "prepare_set", "ShardRun", "run_shard", "run_job", "ImageJob", "ImageShard"]

@@ -177,10 +177,10 @@ class TrainDetectorOptions:
     train_json: str
     image_root: str
     out: str
+    device: str = "cpu"
+    max_iter: int | None = None
     val_json: str | None = None
     val_image_root: str | None = None
-    max_iter: int | None = None
-    device: str = "cpu"
     num_threads: int | None = None
     opts: list[str] = field(default_factory=list)
 

@@ -14,20 +14,20 @@ uninterrupted one would have. Images that cannot be decoded are listed as failur
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from vlkd.common.alignment import PROPOSALS_ROLE
+from vlkd.common.regionset import ImageRegions
 from vlkd.common.sharding import resolve_shard_indices, shard_ranges
 from vlkd.data.images import ImageSource, open_image_source
 
 from .batching import WindowBatcher
 from .decoding import DecodedItem
 from .detector import BoxSelection, Detector
-from .job import (NEW_OUT, FailureLimit, ImageJob, ImageRegions, ImageShard, check_options,
-                  check_set_header, refuse, run_job, with_failures)
+from .job import (NEW_OUT, FailureLimit, ImageJob, ImageShard, check_options, check_set_header,
+                  image_regions, refuse, run_job, with_failures)
 from .options import BACKENDS, FEATURE_DTYPES, ProposalsConfig
 from .pooling import boxes_to_original, boxes_to_resized, pool_box_features
 from .progress import Progress, format_shards
@@ -79,9 +79,9 @@ def run_batch(det: Detector, items: list[DecodedItem], sel: BoxSelection,
     out, r = [], 0
     for it, d, b in zip(items, dets, stored):
         n = b.shape[0]
-        out.append(ImageRegions(it.image_id, it.orig_hw, b, d.scores.float().cpu().numpy(),
-                                d.classes.cpu().numpy().astype(np.int32), pooled[r:r + n],
-                                it.digest))
+        out.append(image_regions(it.image_id, it.orig_hw, b, d.scores.float().cpu().numpy(),
+                                 d.classes.cpu().numpy().astype(np.int32), pooled[r:r + n],
+                                 it.digest))
         r += n
     return out
 
@@ -155,9 +155,7 @@ class ProposalsJob(ImageJob):
         return (f"proposals: {len(src)} images from {cfg.images} ({src.kind}), "
                 f"{cfg.num_shards} shard(s), running {format_shards(indices)}; detector "
                 f"{det.name} ({det.kind}, D={det.feature_dim}) on {cfg.device}",
-                dict(images=len(src), num_shards=cfg.num_shards, shards=indices,
-                     detector=det.name, kind=det.kind, feature_dim=det.feature_dim,
-                     device=cfg.device, out=str(Path(cfg.out))))
+                dict(images=len(src), **self.start_fields(indices)))
 
     def shard(self, index: int) -> _Shard:
         a, b = self.ranges[index]

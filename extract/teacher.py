@@ -35,7 +35,7 @@ from vlkd.common.alignment import (SOURCE_SHARD_ATTR, TEACHER_ROLE, AlignmentErr
                                    aligned_to_record, compare_shards)
 from vlkd.common.digest import box_digest
 from vlkd.common.manifest import update_manifest
-from vlkd.common.regionset import ShardReader, ShardWriter
+from vlkd.common.regionset import ImageRegions, ShardReader, ShardWriter
 from vlkd.common.sharding import resolve_shard_indices
 from vlkd.data.images import ImageRecord, open_image_source
 
@@ -44,8 +44,8 @@ from .alignment import (ProposalsShard, read_proposals_manifest, require_complet
 from .batching import WindowBatcher
 from .decoding import DecodedItem
 from .detector import Detector
-from .job import (NEW_OUT, ImageJob, ImageRegions, ImageShard, check_options, check_set_header,
-                  refuse, run_job, short)
+from .job import (NEW_OUT, ImageJob, ImageShard, check_options, check_set_header,
+                  image_regions, refuse, run_job, short)
 from .options import BACKENDS, FEATURE_DTYPES, TeacherConfig
 from .pooling import boxes_to_resized, classify_box_features, pool_box_features
 from .progress import Progress, format_shards
@@ -106,8 +106,8 @@ def teacher_batch(det: Detector, items: list[DecodedItem], boxes: list[np.ndarra
     out, r = [], 0
     for it, b in zip(items, boxes):
         n = b.shape[0]
-        out.append(ImageRegions(it.image_id, it.orig_hw, b, scores[r:r + n], classes[r:r + n],
-                                pooled[r:r + n], it.digest))
+        out.append(image_regions(it.image_id, it.orig_hw, b, scores[r:r + n],
+                                 classes[r:r + n], pooled[r:r + n], it.digest))
         r += n
     return out
 
@@ -307,9 +307,7 @@ class TeacherJob(ImageJob):
                 f"{format_shards(indices)}); teacher {det.name} ({det.kind}, "
                 f"D={det.feature_dim}, input {det.preprocessing.min_size}/"
                 f"{det.preprocessing.max_size}) on {cfg.device}",
-                dict(proposals=str(self.pdir), num_shards=k, shards=indices,
-                     detector=det.name, kind=det.kind, feature_dim=det.feature_dim,
-                     device=cfg.device, out=str(Path(cfg.out))))
+                dict(proposals=str(self.pdir), **self.start_fields(indices)))
 
     def shard(self, index: int) -> _Shard:
         return _Shard(self, self.shards[index], self.records)
@@ -324,11 +322,8 @@ def run_teacher_features(cfg: TeacherConfig, progress: Progress | None = None,
                          detector: Detector | None = None) -> TeacherResult:
     """Run ``teacher-features`` for the selected shards.
 
-    Args:
-        cfg: the options.
-        progress: where progress goes (default from ``cfg.log_format``/``cfg.progress``).
-        detector: an already loaded teacher for ``cfg.config``/``cfg.weights`` (benchmarks
-            reuse one); loaded from ``cfg`` when None.
+    The arguments are those of :func:`vlkd.extract.proposals.run_proposals`; ``detector`` is
+    the teacher.
 
     Returns:
         The finished shards and counts.

@@ -42,7 +42,7 @@ BOX_DELTA = (1.0, 0.5, 0.5, -0.25)
 
 __all__ = ["DETECTOR_CONFIGS", "committed_images", "tiny_model", "save_tiny_weights", "tiny_weights",
            "make_images", "reference_features", "read_shards", "resized_hw_reference",
-           "sigkill_after_first_commit"]
+           "sigkill_after_first_commit", "invoke_extract", "assert_same_shards"]
 
 
 def tiny_model(kind: str, seed: int = 0):
@@ -226,3 +226,32 @@ def sigkill_after_first_commit(argv: list[str], commit_json: Path, max_delay: fl
         if proc.poll() is None:
             proc.kill()
     return proc.returncode, proc.stderr.read().decode()[-2000:], seed
+
+
+def invoke_extract(argv, expect: int = 0, env: dict | None = None):
+    """Run ``vlkd-extract ARGV`` in-process (click's runner); assert its exit code.
+
+    Returns:
+        The click result (``output``, ``stderr``).
+    """
+    from click.testing import CliRunner
+
+    from vlkd.extract.cli import main
+
+    res = CliRunner().invoke(main, [str(a) for a in argv], env=env)
+    if res.exception and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    assert res.exit_code == expect, res.output
+    return res
+
+
+def assert_same_shards(ref: Path, out: Path, msg: str = "") -> None:
+    """Every array of every HDF5 shard of ``out`` equals ``ref``'s, and their manifests list
+    the same shard entries (content digests included)."""
+    from vlkd.common.manifest import read_manifest
+
+    sa, sb = read_shards(ref), read_shards(out)
+    for name in sa:
+        for key, value in sa[name].items():
+            np.testing.assert_array_equal(value, sb[name][key], err_msg=f"{key} {msg}")
+    assert read_manifest(ref)["shards"] == read_manifest(out)["shards"]

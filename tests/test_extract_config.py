@@ -10,6 +10,7 @@ import yaml
 from click.testing import CliRunner
 
 from extract_fixtures import DETECTOR_CONFIGS, make_images, tiny_weights  # noqa: F401
+from extract_fixtures import invoke_extract as invoke
 from vlkd.common.config import field_default, load
 from vlkd.common.manifest import read_manifest
 from vlkd.extract.cli import main
@@ -18,14 +19,6 @@ from vlkd.extract.options import (PER_JOB_KEYS, SET_CONFIG_FILE, BoxSelection, P
 
 SCHEMAS = {"proposals": ProposalsConfig, "teacher-features": TeacherConfig,
            "train-detector": TrainDetectorOptions}
-
-
-def invoke(argv, expect=0, env=None):
-    res = CliRunner().invoke(main, [str(a) for a in argv], env=env)
-    if res.exception and not isinstance(res.exception, SystemExit):
-        raise res.exception
-    assert res.exit_code == expect, res.output
-    return res
 
 
 def props_argv(weights, images, out, *args):

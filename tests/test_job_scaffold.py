@@ -19,7 +19,7 @@ from vlkd.common.regionset import RegionSet
 from vlkd.common.validate import validate_region_set
 from vlkd.extract.batching import WindowBatcher
 from vlkd.extract.decoding import DecodedItem
-from vlkd.extract.job import Failure, ImageRegions, Shard, ShardJob, run_job
+from vlkd.extract.job import Failure, Shard, ShardJob, image_regions, run_job
 from vlkd.extract.options import SET_CONFIG_FILE
 from vlkd.extract.progress import Progress
 
@@ -158,8 +158,8 @@ class ToyShard(Shard):
                 out.append(Failure(it.image_id, "corrupt: bad TSV row"))
                 continue
             n = len(row["boxes"])
-            out.append(ImageRegions(it.image_id, (60, 80), row["boxes"], np.ones(n, "f4"),
-                                    np.zeros(n, "i4"), row["feats"], b"\1" * 16))
+            out.append(image_regions(it.image_id, (60, 80), row["boxes"], np.ones(n, "f4"),
+                                     np.zeros(n, "i4"), row["feats"], b"\1" * 16))
         return out
 
 

@@ -11,24 +11,15 @@ import uuid
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from extract_fixtures import DETECTOR_CONFIGS, make_images, read_shards, tiny_weights  # noqa: F401
+from extract_fixtures import invoke_extract as invoke
 from vlkd.common.manifest import read_manifest
 from vlkd.common.regionset import RegionSet
 from vlkd.common.validate import validate_region_set
 from vlkd.extract import plugins
-from vlkd.extract.cli import main
 
 torch.set_num_threads(1)
-
-
-def invoke(argv, expect=0, env=None):
-    res = CliRunner().invoke(main, [str(a) for a in argv], env=env)
-    if res.exception and not isinstance(res.exception, SystemExit):
-        raise res.exception
-    assert res.exit_code == expect, res.output
-    return res
 
 
 def write_module(folder, text: str) -> str:
@@ -139,9 +130,7 @@ POOLER_PLUGIN = """
 
     @POOLERS.register()
     class NAMEFamily(C4Family):
-        kind = "C4-max"
-        description = "res5 + max pool"
-        heads = (NAMEHeads,)
+        kind, description, heads = "C4-max", "res5 + max pool", (NAMEHeads,)
 
         def pool(self, features, boxes):
             rh = self.roi_heads

@@ -11,9 +11,9 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from extract_fixtures import (DETECTOR_CONFIGS, make_images, read_shards, reference_features,
-                              save_tiny_weights, sigkill_after_first_commit, tiny_model,
-                              tiny_weights)  # noqa: F401
+from extract_fixtures import (DETECTOR_CONFIGS, assert_same_shards, invoke_extract, make_images,
+                              read_shards, reference_features, save_tiny_weights,
+                              sigkill_after_first_commit, tiny_model, tiny_weights)  # noqa: F401
 from vlkd.common.manifest import read_manifest
 from vlkd.common.regionset import RegionSet, file_digest
 from vlkd.common.validate import validate_region_set
@@ -31,11 +31,7 @@ def run(kind, weights, images, out, *args, expect=0, env=None):
             "--num-workers", "0", *[str(a) for a in args]]
     if "--shard-index" not in args and not (env and "SLURM_ARRAY_TASK_ID" in env):
         argv += ["--shard-index", "all"]
-    res = CliRunner().invoke(main, argv, env=env)
-    if res.exception and not isinstance(res.exception, SystemExit):
-        raise res.exception
-    assert res.exit_code == expect, res.output
-    return res
+    return invoke_extract(argv, expect=expect, env=env)
 
 
 def errors(set_dir):
@@ -156,11 +152,7 @@ def test_sigkill_then_rerun_gives_the_same_set(tiny_weights, tmp_path):
     resumed = [e for e in events if e["event"] == "resume"]
     assert resumed and 0 < resumed[0]["committed"] < 24, (seed, events)
     assert errors(out) == []
-    sa, sb = read_shards(ref), read_shards(out)
-    for name in sa:
-        for key, value in sa[name].items():
-            np.testing.assert_array_equal(value, sb[name][key], err_msg=f"{key} seed={seed}")
-    assert read_manifest(ref)["shards"] == read_manifest(out)["shards"]
+    assert_same_shards(ref, out, f"seed={seed}")
 
 
 # --------------------------------------------------------------------------- bad input

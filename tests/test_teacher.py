@@ -15,15 +15,15 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
-from extract_fixtures import (DETECTOR_CONFIGS, make_images, read_shards, reference_features,
-                              save_tiny_weights, sigkill_after_first_commit, tiny_model)
+from extract_fixtures import (DETECTOR_CONFIGS, assert_same_shards, make_images, read_shards,
+                              reference_features, save_tiny_weights,
+                              sigkill_after_first_commit, tiny_model)
+from extract_fixtures import invoke_extract as invoke
 from vlkd.common.manifest import manifest_digest, read_manifest, write_manifest
 from vlkd.common.regionset import RegionSet, ShardReader, ShardWriter, file_digest
 from vlkd.common.validate import validate_region_set
-from vlkd.extract.cli import main
 from vlkd.extract.detector import load_detector_config
 
 torch.set_num_threads(1)
@@ -37,14 +37,6 @@ TEACHERS = {
     "fpn": {"student": "c4", "yaml": "INPUT:\n  MIN_SIZE_TEST: 256\n  MAX_SIZE_TEST: 400\n"},
 }
 TEACHER_SEED = 3
-
-
-def invoke(argv, expect=0, env=None):
-    res = CliRunner().invoke(main, [str(a) for a in argv], env=env)
-    if res.exception and not isinstance(res.exception, SystemExit):
-        raise res.exception
-    assert res.exit_code == expect, res.output
-    return res
 
 
 def proposals(kind, weights, images, out, *args):
@@ -386,11 +378,7 @@ def test_sigkill_then_rerun_gives_the_same_set(world, tmp_path):
     resumed = [e for e in events if e["event"] == "resume"]
     assert resumed and 0 < resumed[0]["committed"] < 24, (seed, events)
     assert errors(out, against=props) == []
-    sa, sb = read_shards(ref), read_shards(out)
-    for name in sa:
-        for key, value in sa[name].items():
-            np.testing.assert_array_equal(value, sb[name][key], err_msg=f"{key} seed={seed}")
-    assert read_manifest(ref)["shards"] == read_manifest(out)["shards"]
+    assert_same_shards(ref, out, f"seed={seed}")
 
 
 def test_zarr_output_and_json_log(world, tmp_path):
