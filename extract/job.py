@@ -1,31 +1,35 @@
 """The scaffold every phase-one job runs on: one region set, written shard by shard, resumable.
 
 A job (``proposals``, ``teacher-features``, and next ``import-tsv``) supplies what is particular
-to it; :func:`run_job` does the rest, the same way for every job:
+to it; :func:`run_job` does the rest, the same way for every job.
 
-============================================  ==============================================
-the job supplies (:class:`ShardJob`, :class:`Shard`)  the scaffold does
-============================================  ==============================================
-``header()``: its manifest header, and        writes the header (and ``config.yaml``) when it
-``compare()`` / ``refresh()`` against an      creates the set, else compares, under the
-existing set's                                manifest lock (:func:`prepare_set`)
-``shard(i)``: the shard's image ids in order  opens the :class:`ShardWriter`; re-records a
-and its attributes                            complete shard; resumes a partial one after its
-                                              last commit
-``Shard.items(todo, groups)``: the items of   cuts them into windows of ``window`` images (the
-the positions still to do, one window's at a  unit of batching, commit and resume), times the
-time                                          job's work, counts images and failures
-``Shard.add(item)`` / ``end_window()``: how   hands each window's results to a background
-a window of items becomes results             writer thread that appends and commits them
-(:class:`ImageRegions` or :class:`Failure`)
-``check_complete`` / ``begin`` /              finalises the shard; progress events ``start``,
-``check_finished``: its own checks            ``resume``, ``shard_done``
-============================================  ==============================================
+The job supplies (:class:`ShardJob`, :class:`Shard`):
+
+- ``header()``, its manifest header, and ``compare()`` / ``refresh()`` against an existing
+  set's;
+- ``shard(i)``: the shard's image ids in order and the attributes stored with it;
+- ``Shard.items(todo, groups)``: the items of the positions still to do, delivered one
+  window's at a time (decoded images, or rows of a feature file);
+- ``Shard.add(item)`` / ``Shard.end_window()``: how a window of items becomes results
+  (:class:`ImageRegions` or :class:`Failure`, one per item);
+- its own checks: ``check_complete``, ``begin`` (resumable? failures known in advance),
+  ``check_finished``.
+
+The scaffold (:func:`run_job`, :func:`run_shard`):
+
+- writes the header, and ``config.yaml`` with the job's options, when it creates the set, or
+  compares, under the manifest lock (:func:`prepare_set`);
+- opens the :class:`ShardWriter`, re-records a complete shard, resumes a partial one after its
+  last commit;
+- cuts the items into windows of ``window`` images (the unit of batching, commit and resume),
+  times the job's work, counts images and failures;
+- hands each window's results to a background writer thread that appends and commits them;
+- finalises the shard and reports progress (``start``, ``resume``, ``shard_done``).
 
 Images are assigned to windows by their position in the shard's list (``position // window``),
 and a window is committed as a whole, so a job killed at any point and re-run with the same
 arguments forms the same windows, hence the same batches, and produces the same shard as an
-uninterrupted run. Images jobs share :class:`ImageJob` / :class:`ImageShard`: their items are
+uninterrupted run. Jobs over images share :class:`ImageJob` / :class:`ImageShard`: their items are
 images decoded in DataLoader workers (``vlkd.extract.decoding``) with the detector's
 preprocessing, batched by padded size (``vlkd.extract.batching``).
 
