@@ -38,7 +38,17 @@ _PREFIX = "cfg__"
 
 class ConfigError(ValueError):
     """A config file, option or override does not fit the schema (the message says which key,
-    what was found and what is valid)."""
+    what was found and what is valid).
+
+    Attributes:
+        key: the dotted key concerned, when there is one.
+        missing: True when the key is required and nobody gave it a value.
+    """
+
+    def __init__(self, message: str, *, key: str = "", missing: bool = False):
+        super().__init__(message)
+        self.key = key
+        self.missing = missing
 
 
 # ------------------------------------------------------------------------------ the schema
@@ -140,6 +150,12 @@ def plain_text(text: str) -> str:
     return _LITERAL.sub(r"\1", _ROLE.sub(r"\1", text))
 
 
+def _required(f: dataclasses.Field) -> bool:
+    """A field with no default (dataclass MISSING or OmegaConf's ``"???"``)."""
+    return ((f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)  # type: ignore[misc]
+            or f.default == "???")
+
+
 def field_default(schema: type, key: str) -> Any:
     """The default value of a dotted key (``MISSING`` fields give ``None``)."""
     _, f, _ = _resolve(schema, key)
@@ -166,10 +182,14 @@ def _nest(flat: Mapping[str, Any]) -> dict:
 def _explain(e: Exception, where: str, schema_node) -> ConfigError:
     """A ConfigError naming the key, the layer it came from and the valid keys."""
     from omegaconf import OmegaConf
-    from omegaconf.errors import ConfigKeyError
+    from omegaconf.errors import ConfigKeyError, MissingMandatoryValue
 
     full_key = getattr(e, "full_key", None) or ""
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, MissingMandatoryValue):
+        return ConfigError(f"{where}: {full_key or 'a key'} is required and has no value; give "
+                           f"it in the config file, as an option or with --set "
+                           f"{full_key or 'key'}=...", key=full_key, missing=True)
     if isinstance(e, ConfigKeyError):
         parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
         node = schema_node
@@ -181,8 +201,8 @@ def _explain(e: Exception, where: str, schema_node) -> ConfigError:
             valid = []
         return ConfigError(f"{where}: unknown key {full_key!r}"
                            + (f"; valid keys{' in ' + repr(parent) if parent else ''}: {valid}"
-                              if valid else ""))
-    return ConfigError(f"{where}: {full_key or 'value'}: {msg}")
+                              if valid else ""), key=full_key)
+    return ConfigError(f"{where}: {full_key or 'value'}: {msg}", key=full_key)
 
 
 def merge_values(cfg, values: Mapping[str, Any] | Any, where: str):
@@ -325,6 +345,8 @@ def option(schema: type, key: str, *param_decls: str, help: str | None = None,
     inner, _optional = _unwrap_optional(typ)
     text = help if help is not None else plain_text(
         field_help(_resolve(schema, key)[0]).get(f.name, ""))
+    if default_text is None and _required(f):
+        default_text = "required"
     shown = default_text if default_text is not None else _show(field_default(schema, key))
     suffix = f"[{key}; default: {shown}]" if show_key else f"[default: {shown}]"
     kwargs: dict[str, Any] = dict(default=None, show_default=False,

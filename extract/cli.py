@@ -9,9 +9,7 @@ registers custom detectron2 parts (``vlkd.extract.plugins``).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
-import re
 import warnings
 
 import click
@@ -84,27 +82,13 @@ _job_config_option = click.option(
     "option, e.g. a set's config.yaml); the command line overrides it.")
 
 
-def _required(schema, key: str) -> bool:
-    f = {f.name: f for f in dataclasses.fields(schema)}.get(key)
-    return f is not None and f.default is dataclasses.MISSING and \
-        f.default_factory is dataclasses.MISSING  # type: ignore[misc]
-
-
-def _opt(schema, key: str, *flags, **kw):
-    """:func:`vlkd.common.config.option`, showing "required" for a key without a default
-    (it may come from --job-config, so click does not enforce it)."""
-    if _required(schema, key):
-        kw.setdefault("default_text", "required")
-    return option(schema, key, *flags, **kw)
-
-
 def _job_options(schema, first=(), specific=()):
     """The options of an extraction job over ``schema`` (``ProposalsConfig`` or
     ``TeacherConfig``): ``first``, where the images and the detector are, ``specific`` ones,
     how it computes and runs, the job file and ``--set``. ``first`` and ``specific`` are
     ``(key, flag, click kwargs)``."""
     def o(key, *flags, **kw):
-        return _opt(schema, key, *flags, **kw)
+        return option(schema, key, *flags, **kw)
     return _options(
         *[o(key, flag, **kw) for key, flag, kw in first],
         o("images", "--images"),
@@ -139,9 +123,8 @@ def _load(schema, job_config, overrides, kwargs, extra=None):
     try:
         return load(schema, job_config, options=opts, overrides=overrides, option_names=flags)
     except ConfigError as e:
-        m = re.search(r"missing mandatory value: (\S+)", str(e))
-        if m:
-            key = m.group(1)
+        if e.missing:
+            key = e.key
             raise click.UsageError(
                 f"Missing option '{flags.get(key, key)}' (or '{key}:' in --job-config, or "
                 f"--set {key}=...)") from None
@@ -218,7 +201,7 @@ def teacher_features_cmd(job_config, overrides, **kwargs) -> None:
 # ----------------------------------------------------------------------------- train-detector
 
 def _td(key, *flags, **kw):
-    return _opt(TrainDetectorOptions, key, *flags, **kw)
+    return option(TrainDetectorOptions, key, *flags, **kw)
 
 
 @main.command("train-detector")
