@@ -153,7 +153,7 @@ else
       step "installing vlkd (editable) with extras [$EXTRAS]"
       pipc -e "$spec"
     else
-      step "installing vlkd with extras [$EXTRAS]"
+      step "installing vlkd${EXTRAS:+ with extras [$EXTRAS]}"
       pipc "$spec"
     fi
     echo "$sum" > "$stamp"
