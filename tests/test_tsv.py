@@ -18,7 +18,8 @@ import pytest
 
 from vlkd.data.tsv import (BUTD_FIELDS, LXMERT_FIELDS, ButdTsv, ButdTsvWriter,
                            FeatureTsvWriter, HwTsvWriter, LabelTsvWriter, OscarTsv,
-                           OscarTsvWriter, TsvFormatError, TsvRows, TsvWriter,
+                           OscarTsvWriter, SgbPredictionsTsv, TsvFormatError, TsvRows,
+                           TsvWriter,
                            boxes_from_geometry, check_geometry, detect_geometry,
                            estimate_image_hw, lineidx_path, make_geometry, oscar_vqa_paths,
                            scan_line_starts, split_geometry)
@@ -325,6 +326,54 @@ def test_predictions_tsv_rows_with_attributes_and_sizes(tmp_path):
     np.testing.assert_array_equal(a.attr_scores, [[0.5, np.nan], [0.5, 0.25]])
     _assert_same(b, images[keys[1]])   # size from the label row: hw.tsv has no row for it
     assert b.notes == ["hw.tsv: no row for this image"]
+
+
+def _sgb_tsv_writer(path, rows):
+    """scene_graph_benchmark tsv_file_ops.tsv_writer: text mode, '\t'.join, '\n', and a
+    .lineidx of running ``len(v)`` (characters; bytes for ASCII rows)."""
+    idx = 0
+    with open(path, "w") as fp, open(lineidx_path(path), "w") as fpidx:
+        for value in rows:
+            v = "{0}\n".format("\t".join(map(str, value)))
+            fp.write(v)
+            fpidx.write(str(idx) + "\n")
+            idx += len(v)
+    return path
+
+
+def test_sgb_predictions_with_box_features(tmp_path):
+    """VinVL extraction output: test_sg_net.py with TEST.OUTPUT_FEATURE and TSV_SAVE_SUBSET
+    ['rect', 'class', 'conf', 'feature'] (+ attr_labels, attr_scores), as
+    convert_predictions_to_tsv writes it."""
+    images = _images(seed=11, counts=(3, 2, 1))
+    rows = []
+    for j, (key, img) in enumerate(images.items()):
+        objects = []
+        for i in range(len(img["boxes"])):
+            d = {"rect": img["boxes"][i].tolist(), "bbox_id": i, "class": img["names"][i],
+                 "conf": float(img["scores"][i]),
+                 "feature": base64.b64encode(img["features"][i]).decode("utf-8"),
+                 "attributes": ["white"], "attr_scores": [0.75]}
+            if j == 2:
+                del d["feature"]
+            objects.append(d)
+        rows.append((key, json.dumps({"objects": objects, "relations": None})))
+    pred = _sgb_tsv_writer(tmp_path / "predictions.tsv", rows)
+    hw = _sgb_tsv_writer(tmp_path / "test.hw.tsv", [
+        (k, json.dumps([{"height": v["hw"][0], "width": v["hw"][1]}])) for k, v in
+        images.items()])
+    tsv = SgbPredictionsTsv(pred, hw)
+    a, b, c = tsv
+    for rec, img in zip((a, b), images.values()):
+        _assert_same(rec, img)
+        assert rec.boxes_from == "labels" and rec.geometry is None
+        assert rec.attr_names == [["white"]] * len(img["boxes"])
+    assert tsv.feature_dim == D
+    rows = TsvRows(pred)
+    assert len(rows) == 3 and rows.index_status == "read predictions.lineidx"  # SGB's index
+    assert not c.ok and "object 0 has no 'feature'" in c.reason
+    key = list(images)[1]
+    _assert_same(tsv.get(key), images[key])
 
 
 def test_hw_row_variants(tmp_path):

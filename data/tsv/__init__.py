@@ -10,7 +10,8 @@ region sets.
 - :mod:`.records`: what a row becomes, :class:`TsvImage` or :class:`TsvFailure`.
 - :mod:`.geometry`: the 6 (or 4) box-geometry columns after VinVL's 2048 region features.
 - :mod:`.oscar`: ``feature.tsv`` / ``label.tsv`` / ``hw.tsv`` (:class:`OscarTsv`,
-  :class:`OscarTsvWriter` and the per-file writers).
+  :class:`OscarTsvWriter` and the per-file writers) and SGB's ``predictions.tsv`` with
+  per-box features (:class:`SgbPredictionsTsv`).
 - :mod:`.butd`: bottom-up-attention and LXMERT TSV (:class:`ButdTsv`,
   :class:`ButdTsvWriter`).
 """
@@ -19,7 +20,8 @@ from .geometry import (GEOMETRY_NAMES, GeometryCheck, boxes_from_geometry, check
                        default_atol, detect_geometry, estimate_image_hw, make_geometry,
                        split_geometry)
 from .oscar import (KNOWN_FEATURE_DIMS, FeatureLayout, FeatureTsvWriter, HwTsvWriter,
-                    LabelTsvWriter, OscarTsv, OscarTsvWriter, oscar_vqa_paths)
+                    LabelTsvWriter, OscarTsv, OscarTsvWriter, SgbPredictionsTsv,
+                    oscar_vqa_paths)
 from .records import EmptyImageError, FEATURE_DTYPES, TsvFailure, TsvFormatError, TsvImage
 from .rows import (TsvIndexError, TsvRows, TsvWriter, check_image_id, lineidx_path,
                    read_lineidx, scan_line_starts, verify_line_starts, write_lineidx)
@@ -27,7 +29,8 @@ from .rows import (TsvIndexError, TsvRows, TsvWriter, check_image_id, lineidx_pa
 __all__ = [
     "BUTD_FIELDS", "ButdTsv", "ButdTsvWriter", "EmptyImageError", "FEATURE_DTYPES", "FeatureLayout",
     "FeatureTsvWriter", "GEOMETRY_NAMES", "GeometryCheck", "HwTsvWriter", "KNOWN_FEATURE_DIMS",
-    "LXMERT_FIELDS", "LabelTsvWriter", "OscarTsv", "OscarTsvWriter", "TsvFailure",
+    "LXMERT_FIELDS", "LabelTsvWriter", "OscarTsv", "OscarTsvWriter", "SgbPredictionsTsv",
+    "TsvFailure",
     "TsvFormatError", "TsvImage", "TsvIndexError", "TsvRows", "TsvWriter",
     "boxes_from_geometry", "check_geometry", "check_image_id", "default_atol",
     "detect_geometry", "estimate_image_hw", "lineidx_path", "make_geometry", "oscar_vqa_paths",

@@ -28,7 +28,7 @@ from typing import Iterator
 import numpy as np
 
 from .records import (RowError, TsvFailure, TsvFormatError, TsvImage, content_end,
-                      decode_array, decode_b64, empty_image, parse_count, split_key)
+                      decode_array, decode_b64, empty_image, open_row, parse_count)
 from .rows import TsvRows, TsvWriter
 
 __all__ = ["BUTD_FIELDS", "ButdTsv", "ButdTsvWriter", "LXMERT_FIELDS"]
@@ -152,17 +152,10 @@ class ButdTsv:
 
     def _decode(self, row: int, line: bytes, seen) -> TsvImage | TsvFailure | None:
         name = self.rows.path.name
-        try:
-            key = split_key(line)[0]
-        except RowError as e:
-            return TsvFailure(None, row, str(e), name)
-        if key is None:
-            return None
-        if seen is not None:
-            if key in seen:
-                return TsvFailure(key, row, f"the image id is also on row {seen[key]}; only "
-                                  "its first row is read", name)
-            seen[key] = row
+        opened = open_row(line, row, name, seen)
+        if not isinstance(opened, tuple):
+            return opened
+        key = opened[0]
         try:
             return self._image(key, row, line)
         except RowError as e:

@@ -44,11 +44,12 @@ import numpy as np
 from .geometry import (boxes_from_geometry, check_geometry, default_atol, detect_geometry,
                        estimate_image_hw, make_geometry, split_geometry)
 from .records import (FEATURE_DTYPES, RowError, TsvFailure, TsvFormatError, TsvImage,
-                      decode_b64, empty_image, parse_count, split_key)
+                      decode_b64, empty_image, open_row, parse_count, split_key)
 from .rows import TsvRows, TsvWriter
 
 __all__ = ["FeatureLayout", "FeatureTsvWriter", "HwTsvWriter", "KNOWN_FEATURE_DIMS",
-           "LabelTsvWriter", "OscarTsv", "OscarTsvWriter", "oscar_vqa_paths"]
+           "LabelTsvWriter", "OscarTsv", "OscarTsvWriter", "SgbPredictionsTsv",
+           "oscar_vqa_paths"]
 
 # Widths a feature row is recognised by when its dtype must be told from its byte count:
 # 2048 region features + 6 or 4 geometry columns (Oscar's --img_feature_dim 2054), or none.
@@ -162,6 +163,23 @@ def _parse_hw(field: bytes) -> tuple[int, int]:
     if h == 0 or w == 0:
         raise RowError(f"image size {h} x {w} is empty")
     return h, w
+
+
+def _image_size(hw_rows: TsvRows | None, hit, notes: list[str]):
+    """``((h, w), where)`` from an hw.tsv row ``hit`` (``(row, line)`` or None), or
+    ``(None, None)`` with a note saying why."""
+    if hw_rows is None:
+        return None, None
+    name = hw_rows.path.name
+    if hit is None:
+        notes.append(f"{name}: no row for this image")
+        return None, None
+    try:
+        field = _second_field(hit[1], *split_key(hit[1])[1:], '[{"height": H, "width": W}]')
+        return _parse_hw(field), f"{name} row {hit[0]}"
+    except RowError as e:
+        notes.append(f"{name} row {hit[0]}: {e}")
+        return None, None
 
 
 def _parse_labels(field: bytes):
@@ -443,17 +461,10 @@ class OscarTsv:
     # ------------------------------------------------------------------ one row
     def _decode(self, row, line, label_of, hw_of, seen):
         name = self.features.path.name
-        try:
-            key, start, end = split_key(line)
-        except RowError as e:
-            return TsvFailure(None, row, str(e), name)
-        if key is None:
-            return None
-        if seen is not None:
-            if key in seen:
-                return TsvFailure(key, row, f"the image id is also on row {seen[key]}; only "
-                                  "its first row is read", name)
-            seen[key] = row
+        opened = open_row(line, row, name, seen)
+        if not isinstance(opened, tuple):
+            return opened
+        key, start, end = opened
         fl = self.layout
         try:
             n, b64 = _feature_payload(line, start, end, fl.layout)
@@ -481,18 +492,7 @@ class OscarTsv:
         n = len(features)
         image = TsvImage(key, row, None, features, geometry)
         notes = image.notes
-        hw = hw_from = None
-        if self.hw is not None:
-            hname = self.hw.path.name
-            if hw_hit is None:
-                notes.append(f"{hname}: no row for this image")
-            else:
-                try:
-                    hw = _parse_hw(_second_field(hw_hit[1], *split_key(hw_hit[1])[1:],
-                                                 "[{\"height\": H, \"width\": W}]"))
-                    hw_from = f"{hname} row {hw_hit[0]}"
-                except RowError as e:
-                    notes.append(f"{hname} row {hw_hit[0]}: {e}")
+        hw, hw_from = _image_size(self.hw, hw_hit, notes)
         labels = where = None
         if self.labels is not None:
             lname = self.labels.path.name
@@ -554,6 +554,96 @@ class OscarTsv:
             lack = "no label.tsv" if self.labels is None else "no usable label boxes"
             return TsvFailure(key, row, "; ".join(notes + [f"no boxes for its {n} regions: "
                                                            f"{lack}, and {why}"]), fname)
+        return image
+
+
+class SgbPredictionsTsv:
+    """scene_graph_benchmark's ``predictions.tsv`` with per-box features, what VinVL's
+    extraction writes (``tools/test_sg_net.py`` with ``TEST.OUTPUT_FEATURE True`` and
+    ``feature`` in ``TEST.TSV_SAVE_SUBSET``, as ``sgg_configs/vgattr/vinvl_x152c4.yaml`` has it):
+    ``key<TAB>{"objects": [{"rect", "bbox_id", "class", "conf", "feature", ...}],
+    "relations": ...}``, each ``feature`` the base64 of one box's 2048 float32 values
+    (``maskrcnn_benchmark/engine/inference.py`` ``convert_predictions_to_tsv``), ``rect`` in
+    original-image pixels (the prediction is resized to the image size first). No geometry
+    columns; the image size is not in the row: pass the ``hw.tsv`` of the input dataset.
+
+    Args:
+        predictions: the predictions file.
+        hw: the image-size file, or None.
+        dtype: of the ``feature`` values (``"float32"``; ``"float16"`` for a half-precision
+            run).
+        use_lineidx, save_lineidx: see :class:`~vlkd.data.tsv.rows.TsvRows`.
+
+    Yields, like :class:`OscarTsv`, a :class:`TsvImage` (``boxes_from="labels"``) or a
+    :class:`TsvFailure` per row.
+    """
+
+    def __init__(self, predictions: str | os.PathLike, hw: str | os.PathLike | None = None, *,
+                 dtype: str = "float32", use_lineidx: bool = True, save_lineidx: bool = False):
+        if dtype not in FEATURE_DTYPES:
+            raise ValueError(f"dtype must be 'float32' or 'float16', not {dtype!r}")
+        opts = dict(use_lineidx=use_lineidx, save_lineidx=save_lineidx)
+        self.rows = TsvRows(predictions, **opts)
+        self.hw = TsvRows(hw, **opts) if hw is not None else None
+        self.feature_dtype = FEATURE_DTYPES[dtype]
+        self.feature_dim: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def keys(self) -> list[str | None]:
+        return self.rows.keys()
+
+    def __iter__(self) -> Iterator[TsvImage | TsvFailure]:
+        hw = _Companion(self.hw) if self.hw is not None else None
+        seen: dict[str, int] = {}
+        for row, _, line in self.rows.iter_lines():
+            rec = self._decode(row, line, None if hw is None else hw.next_for, seen)
+            if rec is not None:
+                yield rec
+
+    def get(self, image_id: str) -> TsvImage | TsvFailure:
+        hit = self.rows.line_of(image_id)
+        if hit is None:
+            raise KeyError(f"{image_id!r} is not a key of {self.rows.path.name}")
+        return self._decode(hit[0], hit[1], None if self.hw is None else
+                            _Companion(self.hw).get, None)
+
+    def _decode(self, row, line, hw_of, seen):
+        name = self.rows.path.name
+        opened = open_row(line, row, name, seen)
+        if not isinstance(opened, tuple):
+            return opened
+        key, start, end = opened
+        try:
+            objects, hw = _parse_labels(_second_field(line, start, end, '{"objects": [...]}'))
+            labels = _label_arrays(objects)
+            if labels.problem:
+                raise RowError(labels.problem)
+            parts = []
+            for i, obj in enumerate(objects):
+                if not isinstance(obj.get("feature"), str):
+                    raise RowError(f"object {i} has no 'feature' (run SGB with "
+                                   "TEST.OUTPUT_FEATURE True and 'feature' in "
+                                   "TEST.TSV_SAVE_SUBSET)")
+                parts.append(decode_b64(obj["feature"], f"object {i} 'feature'"))
+            size = self.feature_dtype.itemsize
+            if self.feature_dim is None and parts and len(parts[0]) % size == 0:
+                self.feature_dim = len(parts[0]) // size
+            dim = self.feature_dim or 0
+            bad = [i for i, p in enumerate(parts) if len(p) != dim * size]
+            if bad:
+                raise RowError(f"object {bad[0]} 'feature' has {len(parts[bad[0]]):,} bytes, "
+                               f"not {dim} {self.feature_dtype.name}")
+        except RowError as e:
+            return TsvFailure(key, row, str(e), name)
+        features = np.frombuffer(b"".join(parts), self.feature_dtype).reshape(len(parts), dim)
+        image = TsvImage(key, row, hw, features, None, boxes=labels.boxes, boxes_from="labels",
+                         scores=labels.scores, class_names=labels.class_names,
+                         attr_names=labels.attr_names, attr_scores=labels.attr_scores,
+                         tags=labels.tags)
+        if hw_of is not None:
+            image.image_hw = _image_size(self.hw, hw_of(key), image.notes)[0] or hw
         return image
 
 

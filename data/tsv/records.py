@@ -14,8 +14,8 @@ from typing import ClassVar
 import numpy as np
 
 __all__ = ["EmptyImageError", "FEATURE_DTYPES", "TsvFailure", "TsvFormatError", "TsvImage",
-           "content_end", "decode_array", "decode_b64", "empty_image", "parse_count",
-           "split_key"]
+           "content_end", "decode_array", "decode_b64", "empty_image", "open_row",
+           "parse_count", "split_key"]
 
 # The dtypes a feature matrix may be stored in, as base64 of little-endian values.
 FEATURE_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
@@ -175,3 +175,21 @@ def split_key(line: bytes) -> tuple[str | None, int, int]:
     if not key:
         raise RowError("the image key (first field) is empty")
     return key, (tab + 1 if tab >= 0 else -1), end
+
+
+def open_row(line: bytes, row: int, file: str, seen: dict[str, int] | None):
+    """The start of decoding one row: ``(key, field_start, end)``, or None for a blank row,
+    or a :class:`TsvFailure` for an unreadable key or (when ``seen`` tracks the keys of a
+    streaming pass) a key already seen on an earlier row."""
+    try:
+        key, start, end = split_key(line)
+    except RowError as e:
+        return TsvFailure(None, row, str(e), file)
+    if key is None:
+        return None
+    if seen is not None:
+        if key in seen:
+            return TsvFailure(key, row, f"the image id is also on row {seen[key]}; only its "
+                              "first row is read", file)
+        seen[key] = row
+    return key, start, end
