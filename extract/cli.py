@@ -16,6 +16,7 @@ import click
 
 from vlkd import __version__
 from vlkd.common.config import ConfigError, load, option, option_flags, set_option, split_options
+from vlkd.common.preemption import Stopped
 
 from .options import (BACKENDS, FEATURE_DTYPES, LOG_FORMATS, PRECISION_NAMES,
                       TRAIN_DETECTOR_CONFIG_FILE, ProposalsConfig, TeacherConfig,
@@ -133,6 +134,12 @@ def _load(schema, job_config, overrides, kwargs, extra=None):
         raise click.UsageError(str(e)) from None
 
 
+def _stopped(command: str, e: Exception) -> None:
+    """A job stopped by SIGTERM / SIGINT at a safe point: say so, exit 128 + signal."""
+    click.echo(f"vlkd-extract {command}: {e}", err=True)
+    raise SystemExit(e.exit_code)
+
+
 # ---------------------------------------------------------------------------------- proposals
 
 @main.command("proposals")
@@ -147,7 +154,8 @@ def proposals_cmd(job_config, overrides, **kwargs) -> None:
 
     Exit status: 0 done; 1 refused or failed (the message says why); 3 more images failed
     to decode than --max-failures allows (the set is still written; failures are listed in
-    its manifest).
+    its manifest); 143 / 130 stopped by SIGTERM / SIGINT at a window boundary (re-run the
+    same command to resume).
     """
     cfg = _load(ProposalsConfig, job_config, overrides, kwargs)
     _prepare()
@@ -160,6 +168,8 @@ def proposals_cmd(job_config, overrides, **kwargs) -> None:
         result = run_proposals(cfg)
     except (DetectorError, ImageSourceError, SetMismatchError, RegionSetError, ValueError) as e:
         raise click.ClickException(str(e)) from None
+    except Stopped as e:
+        _stopped("proposals", e)
     if result.failures_exceeded:
         click.echo(f"vlkd-extract proposals: {result.num_failures} of {result.num_images} "
                    f"images failed, more than --max-failures {cfg.max_failures} allows "
@@ -181,7 +191,8 @@ def teacher_features_cmd(job_config, overrides, **kwargs) -> None:
     Output shard i holds the images of proposals shard i in the same order, the same boxes
     bit for bit, the teacher's features over them and the teacher's class and score per box.
 
-    Exit status: 0 done; 1 refused or failed (the message says what differs and what to do).
+    Exit status: 0 done; 1 refused or failed (the message says what differs and what to do);
+    143 / 130 stopped by SIGTERM / SIGINT at a window boundary (re-run to resume).
     """
     cfg = _load(TeacherConfig, job_config, overrides, kwargs)
     _prepare()
@@ -196,6 +207,8 @@ def teacher_features_cmd(job_config, overrides, **kwargs) -> None:
     except (AlignmentError, TeacherImageError, DetectorError, ImageSourceError,
             RegionSetError, ValueError) as e:
         raise click.ClickException(str(e)) from None
+    except Stopped as e:
+        _stopped("teacher-features", e)
 
 
 # ----------------------------------------------------------------------------- train-detector

@@ -13,6 +13,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from vlkd.common.preemption import ignore_stop_signals
 from vlkd.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageRecord, read_image
 
 from .memory import release_free_memory
@@ -88,6 +89,9 @@ def _collate_list(items: list) -> list:
 def _worker_init(_: int) -> None:
     # Decoding is PIL work; torch threads inside each worker would only oversubscribe cores.
     torch.set_num_threads(1)
+    # A batch system signals every process of the job: the workers keep decoding until the
+    # main process reaches its window boundary and shuts them down (common.preemption).
+    ignore_stop_signals()
 
 
 def decode_batches(dataset: DecodeDataset, *, batch_size: int, num_workers: int,

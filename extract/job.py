@@ -55,8 +55,9 @@ from vlkd import __version__
 from vlkd.common.alignment import GROWING_KEYS
 from vlkd.common.config import save as save_config
 from vlkd.common.config import to_dict
-from vlkd.common.manifest import update_manifest
 from vlkd.common.digest import box_digest
+from vlkd.common.manifest import update_manifest
+from vlkd.common.preemption import StopSignals
 from vlkd.common.regionset import ImageRegions, ShardWriter
 from vlkd.data.images import ImageRecord
 
@@ -420,8 +421,14 @@ def _info_fields(job: ShardJob, info: dict) -> dict:
             "num_regions": info["num_regions"], job.failure_field: len(info["failures"])}
 
 
-def run_shard(job: ShardJob, index: int, progress: Progress) -> ShardRun:
-    """Write (or resume, or re-record) shard ``index`` of ``job``'s set."""
+def run_shard(job: ShardJob, index: int, progress: Progress,
+              stop: StopSignals | None = None) -> ShardRun:
+    """Write (or resume, or re-record) shard ``index`` of ``job``'s set.
+
+    With ``stop``, a SIGTERM / SIGINT ends the shard at the next window boundary: the windows
+    done so far are committed (the partial shard resumes from them) and :class:`Stopped` is
+    raised. The time from the signal to the exit is at most one window's work and commit.
+    """
     shard = job.shard(index)
     W = job.window
     with ShardWriter(job.out, index, job.num_shards, backend=job.backend,
@@ -456,10 +463,18 @@ def run_shard(job: ShardJob, index: int, progress: Progress) -> ShardRun:
                 bg.submit(lambda: _write_window(writer, results))
                 progress.update(len(results), failed=sum(isinstance(r, Failure)
                                                          for r in results))
+            def stop_here() -> None:
+                if stop is not None and stop.requested is not None:
+                    bg.close()  # the windows handed to the writer thread are committed
+                    progress.event("stopped", f"shard {index}: stopping at a window boundary "
+                                   f"({writer.num_committed} images committed)", shard=index,
+                                   committed=writer.num_committed)
+                    stop.check(f"at a window boundary of shard {index}")
             group = None
             for batch in shard.items(todo, [p // W for p in todo]):
                 if group is not None and batch[0].group != group:
                     end_window()
+                    stop_here()
                 group = batch[0].group
                 t0 = time.perf_counter()
                 for item in batch:
@@ -467,6 +482,7 @@ def run_shard(job: ShardJob, index: int, progress: Progress) -> ShardRun:
                 compute += time.perf_counter() - t0
             if group is not None:
                 end_window()
+                stop_here()  # before finalize: a large shard's build is not bounded by a window
             bg.close()
         except BaseException:
             bg.abandon()
@@ -484,11 +500,20 @@ def run_shard(job: ShardJob, index: int, progress: Progress) -> ShardRun:
 
 
 def run_job(job: ShardJob, indices: list[int], progress: Progress) -> list[ShardRun]:
-    """Prepare the set, then run the selected shards in turn (the job reports the summary)."""
+    """Prepare the set, then run the selected shards in turn (the job reports the summary).
+
+    SIGTERM and SIGINT stop the job at the next window boundary (:func:`run_shard`) or between
+    shards, with everything committed, by raising :class:`vlkd.common.preemption.Stopped`.
+    """
     prepare_set(job)
     message, fields = job.start_event(indices)
     progress.event("start", message, **fields)
-    return [run_shard(job, i, progress) for i in indices]
+    runs = []
+    with StopSignals() as stop:
+        for i in indices:
+            runs.append(run_shard(job, i, progress, stop))
+            stop.check(f"after shard {i}")
+    return runs
 
 
 # ----------------------------------------------------------------------- jobs over images
