@@ -22,7 +22,7 @@ from vlkd.data.tsv import (BUTD_FIELDS, LXMERT_FIELDS, ButdTsv, ButdTsvWriter,
                            TsvWriter,
                            boxes_from_geometry, check_geometry, detect_geometry,
                            estimate_image_hw, lineidx_path, make_geometry, oscar_vqa_paths,
-                           scan_line_starts, split_geometry)
+                           scan_line_starts, split_geometry, verify_line_starts)
 
 D = 8          # tiny region-feature width (VinVL: 2048)
 
@@ -551,6 +551,45 @@ def test_stale_lineidx_is_detected_and_rebuilt(tmp_path):
     lineidx_path(feat).write_text("0\nabc\n")
     rows = TsvRows(feat)
     assert len(rows) == 4 and "not a .lineidx file" in rows.index_status
+
+
+def test_large_file_checks_sample_offsets(tmp_path):
+    lines = [f"k{i}\t{i}" for i in range(10_000)]
+    path = _write_lines(tmp_path / "big.tsv", lines)
+    offsets = scan_line_starts(path)
+    assert verify_line_starts(path, offsets, sample=16) is None
+    moved = offsets.copy()
+    moved[5000] += 1                                  # one bad offset, sampled or not
+    assert verify_line_starts(path, moved) == \
+        f"row 5000 (byte {int(moved[5000]):,}) does not start a line"
+    assert verify_line_starts(path, moved, sample=16) is None   # not sampled: caught on read
+    rows = TsvRows(path, full_check_bytes=0)
+    lineidx_path(path).write_text("".join(f"{o}\n" for o in moved))
+    assert len(rows) == 10_000 and rows.index_status == "read big.lineidx"
+    assert rows.line(4999) == b"k4999\t4999\n" and "is not one line" in rows.index_status
+    assert rows.line(5000) == b"k5000\t5000\n"
+
+
+def test_index_and_readers_survive_pickling(tmp_path):
+    import pickle
+    images = _images(counts=(2, 3))
+    tsv = OscarTsv(*_vinvl_files(tmp_path, images))
+    key = list(images)[1]
+    tsv.get(key)                                       # opens the files
+    clone = pickle.loads(pickle.dumps(tsv))            # as DataLoader workers get it
+    _assert_same(clone.get(key), images[key])
+
+
+def test_non_ascii_ids_get_byte_offsets(tmp_path):
+    """SGB's tsv_writer counts characters; Oscar's TSVFile seeks bytes: vlkd writes bytes."""
+    images = {f"café_{i}": v for i, v in enumerate(_images(counts=(2, 1)).values())}
+    with OscarTsvWriter(tmp_path) as w:
+        for key, img in images.items():
+            w.write(key, img["hw"], img["boxes"], img["features"], img["names"])
+    label = OscarTSVFile(tmp_path / "label.tsv")
+    assert [label.seek(i)[0] for i in range(2)] == list(images)
+    recs = list(OscarTsv(*(tmp_path / f"{n}.tsv" for n in ("feature", "label", "hw"))))
+    assert [r.image_id for r in recs] == list(images) and all(r.ok for r in recs)
 
 
 def test_scan_matches_oscars_generate_lineidx_on_edge_files(tmp_path):
