@@ -847,6 +847,11 @@ def test_images_without_regions(tmp_path):
                 ["x"])
     e, f = OscarTsv(*(tmp_path / "c" / f"{n}.tsv" for n in ("feature", "label", "hw")))
     assert e.ok and e.features.shape == (0, D) and e.boxes.shape == (0, 4) and f.ok
+    assert e.boxes_from == "labels" and e.class_names == [] and e.image_hw == (4, 4)
+    e, f = OscarTsv(tmp_path / "c" / "feature.tsv", tmp_path / "c" / "label.tsv")
+    assert e.ok and e.boxes.shape == (0, 4) and e.image_hw is None     # no size needed
+    e, f = OscarTsv(tmp_path / "c" / "feature.tsv")
+    assert e.ok and e.boxes_from == "empty" and not f.ok
     butd = _csv_dictwriter_file(tmp_path / "ref.tsv", _butd_items(
         {"7": dict(hw=(4, 4), boxes=box0, features=f0)}), BUTD_FIELDS)
     rec, = ButdTsv(butd, feature_dim=D)

@@ -511,16 +511,15 @@ class OscarTsv:
                     notes.append(f"{where}: {e}")
         lboxes = None
         if labels is not None:
-            count = len(labels.tags) if labels.boxes is None else len(labels.boxes)
             if labels.boxes is not None and len(labels.boxes) != n:
-                notes.append(f"{where} has {count} objects but {fname} row {row} has {n} "
-                             "regions: the label row is not used for the regions")
+                notes.append(f"{where} has {len(labels.boxes)} objects but {fname} row {row} "
+                             f"has {n} regions: the label row is not used for the regions")
             elif labels.problem:
                 notes.append(f"{where}: {labels.problem}: the label row is not used for the "
                              "regions")
             else:
                 lboxes = labels.boxes
-        if lboxes is not None and geometry is not None:
+        if lboxes is not None and geometry is not None and n:
             check = check_geometry(geometry, lboxes, hw, atol=self.atol) if hw else None
             if check is None or not check.ok:
                 est = estimate_image_hw(geometry, lboxes, atol=self.atol)
@@ -548,6 +547,8 @@ class OscarTsv:
             image.attr_names, image.attr_scores = labels.attr_names, labels.attr_scores
         elif geometry is not None and hw is not None:
             image.boxes, image.boxes_from = boxes_from_geometry(geometry, hw), "geometry"
+        elif n == 0:
+            image.boxes, image.boxes_from = np.zeros((0, 4), np.float32), "empty"
         else:
             why = ("no geometry columns in the features" if geometry is None else
                    "no image size (pass hw.tsv) to take boxes from the geometry columns")
@@ -572,6 +573,8 @@ class SgbPredictionsTsv:
         hw: the image-size file, or None.
         dtype: of the ``feature`` values (``"float32"``; ``"float16"`` for a half-precision
             run).
+        feature_dim: values per box (2048 for VinVL); default from the first box read (rows
+            without boxes before it get ``(0, 0)`` features).
         use_lineidx, save_lineidx: see :class:`~vlkd.data.tsv.rows.TsvRows`.
 
     Yields, like :class:`OscarTsv`, a :class:`TsvImage` (``boxes_from="labels"``) or a
@@ -579,14 +582,15 @@ class SgbPredictionsTsv:
     """
 
     def __init__(self, predictions: str | os.PathLike, hw: str | os.PathLike | None = None, *,
-                 dtype: str = "float32", use_lineidx: bool = True, save_lineidx: bool = False):
+                 dtype: str = "float32", feature_dim: int | None = None,
+                 use_lineidx: bool = True, save_lineidx: bool = False):
         if dtype not in FEATURE_DTYPES:
             raise ValueError(f"dtype must be 'float32' or 'float16', not {dtype!r}")
         opts = dict(use_lineidx=use_lineidx, save_lineidx=save_lineidx)
         self.rows = TsvRows(predictions, **opts)
         self.hw = TsvRows(hw, **opts) if hw is not None else None
         self.feature_dtype = FEATURE_DTYPES[dtype]
-        self.feature_dim: int | None = None
+        self.feature_dim = feature_dim
 
     def __len__(self) -> int:
         return len(self.rows)

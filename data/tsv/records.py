@@ -81,7 +81,8 @@ class TsvImage:
         boxes: ``(n, 4)`` float32 ``x1 y1 x2 y2`` in original-image pixels, or None when
             neither a label row nor geometry and an image size give them.
         boxes_from: ``"labels"`` (label.tsv ``rect``), ``"geometry"`` (geometry columns and
-            image size), ``"tsv"`` (BUTD ``boxes`` field) or None.
+            image size), ``"tsv"`` (BUTD ``boxes`` field), ``"empty"`` (a row without regions
+            and no label row to take names from) or None.
         scores: ``(n,)`` float32 detector confidence (label ``conf``, LXMERT ``objects_conf``).
         class_names: per-region class names (label ``class``), aligned with the regions.
         class_ids: ``(n,)`` int64 class indices (LXMERT ``objects_id``).
