@@ -40,6 +40,7 @@ def main(plugins) -> None:
     inspect           summarise a set, draw boxes on an image
     status            which shards are complete, running, partial or missing
     train-detector    train a detectron2 detector on COCO-format data (the demo's)
+    launch            run a job's shards as local processes (one per GPU, or CPU workers)
     """
 
 
@@ -329,6 +330,75 @@ def inspect_cmd(set_dir, other, image_id, draw, images, image_root, max_boxes,
     except (InspectError, RegionSetError) as e:
         raise click.ClickException(str(e)) from None
 
+
+
+# ------------------------------------------------------------------------------------ launch
+
+@main.command("launch", context_settings={"ignore_unknown_options": True})
+@click.option("--gpus", default=0, type=click.IntRange(min=0), help="One process per GPU "
+              "(CUDA_VISIBLE_DEVICES pins it; --device cuda), GPUs 0..N-1. 0: CPU processes.")
+@click.option("--workers", default=1, type=click.IntRange(min=1), help="CPU processes when "
+              "--gpus is 0 (each with cores // N threads).")
+@click.option("--log-dir", default=None, type=click.Path(file_okay=False), help="One log per "
+              "shard. [default: <out>.logs beside the set]")
+@click.argument("job", type=click.Choice(["proposals", "teacher-features"]))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def launch_cmd(gpus, workers, log_dir, job, args) -> None:
+    """Run a job's shards as local processes: vlkd-extract launch --gpus 4 -- proposals ARGS.
+
+    Each process takes the next shard not yet done and runs it as `vlkd-extract JOB ARGS
+    --shard-index i`, exactly what an array job runs, until every shard is done; complete
+    shards are skipped. For machines without a batch system (docs/CLUSTER.md).
+
+    Exit status: 0 every shard done; 1 a shard failed (each failure is listed with its log);
+    3 a shard exceeded --max-failures; 143 / 130 stopped by SIGTERM / SIGINT (passed on to the
+    shard processes, which stop at a window boundary; re-run to resume).
+    """
+    from .launch import LaunchError, launch
+
+    ctx = click.get_current_context()
+    cmd = main.get_command(ctx, job)
+    try:
+        sub = cmd.make_context(job, list(args), parent=ctx)
+    except click.UsageError as e:
+        raise click.UsageError(f"{job} {' '.join(args)}: {e.format_message()}") from None
+    with sub:
+        kwargs = dict(sub.params)
+        schema = ProposalsConfig if job == "proposals" else TeacherConfig
+        cfg = _load(schema, kwargs.pop("job_config"), kwargs.pop("overrides"), kwargs)
+    if cfg.shard_index is not None:
+        raise click.UsageError("leave --shard-index out: launch gives each process its shards")
+    if job == "proposals":
+        num_shards = cfg.num_shards
+    else:
+        from vlkd.common.manifest import ManifestError, read_manifest
+        try:
+            num_shards = int(read_manifest(cfg.proposals)["num_shards"])
+        except (ManifestError, KeyError) as e:
+            raise click.ClickException(f"--proposals {cfg.proposals}: {e}") from None
+    plugins = ctx.find_root().params.get("plugins") or ()
+    try:
+        res = launch(job, args, num_shards=num_shards, out=cfg.out, gpus=gpus, workers=workers,
+                     plugins=plugins, log_dir=log_dir,
+                     say=lambda m: click.echo(m, err=True))
+    except LaunchError as e:
+        raise click.ClickException(str(e)) from None
+    ok = len(res.outcomes) - len(res.failed)
+    click.echo(f"launch: {ok} shard(s) done, {len(res.failed)} failed"
+               + (f", stopped by {signal_name(res.stopped_by)}" if res.stopped_by else ""),
+               err=True)
+    for o in res.failed:
+        click.echo(f"  shard {o.index}: exit {o.returncode} ({o.slot}); log {o.log}", err=True)
+    if res.failed and not res.stopped_by:
+        from vlkd.extract.status import array_spec
+        click.echo(f"re-run: {array_spec([o.index for o in res.failed])} (vlkd-extract launch "
+                   "with the same arguments re-runs what is not complete)", err=True)
+    raise SystemExit(res.exit_status)
+
+
+def signal_name(signum: int) -> str:
+    import signal
+    return signal.Signals(signum).name
 
 
 # --- status -----------------------------------------------------------------------------------
