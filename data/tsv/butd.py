@@ -29,7 +29,7 @@ import numpy as np
 
 from .records import (RowError, TsvFailure, TsvFormatError, TsvImage, content_end,
                       decode_array, decode_b64, empty_image, open_row, parse_count)
-from .rows import TsvRows, TsvWriter
+from .rows import RowFileWriter, TsvRows, TsvWriter
 
 __all__ = ["BUTD_FIELDS", "ButdTsv", "ButdTsvWriter", "LXMERT_FIELDS"]
 
@@ -190,7 +190,7 @@ class ButdTsv:
         return image
 
 
-class ButdTsvWriter:
+class ButdTsvWriter(RowFileWriter):
     """Writes BUTD (6 fields) or LXMERT (10 fields) TSV rows as ``csv.DictWriter`` does.
 
     Args:
@@ -256,15 +256,3 @@ class ButdTsvWriter:
                       enc(np.ascontiguousarray(cols["attr_scores"], _F4)),
                       b"%d" % n, enc(b), enc(feats)]
         return self._tsv.write_row(image_id, fields)
-
-    def close(self) -> None:
-        self._tsv.close()
-
-    def abort(self) -> None:
-        self._tsv.abort()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self._tsv.__exit__(exc_type, exc, tb)

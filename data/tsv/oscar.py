@@ -45,7 +45,7 @@ from .geometry import (boxes_from_geometry, check_geometry, default_atol, detect
                        estimate_image_hw, make_geometry, split_geometry)
 from .records import (FEATURE_DTYPES, RowError, TsvFailure, TsvFormatError, TsvImage,
                       decode_b64, empty_image, open_row, parse_count, split_key)
-from .rows import TsvRows, TsvWriter
+from .rows import Closing, RowFileWriter, TsvRows, TsvWriter
 
 __all__ = ["FeatureLayout", "FeatureTsvWriter", "HwTsvWriter", "KNOWN_FEATURE_DIMS",
            "LabelTsvWriter", "OscarTsv", "OscarTsvWriter", "SgbPredictionsTsv",
@@ -653,7 +653,7 @@ class SgbPredictionsTsv:
 
 # ---------------------------------------------------------------------------- writers
 
-class FeatureTsvWriter:
+class FeatureTsvWriter(RowFileWriter):
     """Writes ``feature.tsv`` rows in one of Oscar's layouts (and the ``.lineidx``).
 
     Args:
@@ -724,20 +724,8 @@ class FeatureTsvWriter:
             fields = [b"%d" % n, b64]
         return self._tsv.write_row(image_id, fields)
 
-    def close(self) -> None:
-        self._tsv.close()
 
-    def abort(self) -> None:
-        self._tsv.abort()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self._tsv.__exit__(exc_type, exc, tb)
-
-
-class LabelTsvWriter:
+class LabelTsvWriter(RowFileWriter):
     """Writes ``label.tsv`` rows: ``key<TAB>[{"rect", "bbox_id", "class", "conf"}, ...]``,
     keys in SGB's order (``convert_predictions_to_tsv``), plus ``attributes`` /
     ``attr_scores`` when given; values are exact (float32 written as its float64 value)."""
@@ -765,20 +753,8 @@ class LabelTsvWriter:
             objects.append(obj)
         return self._tsv.write_row(image_id, [json.dumps(objects).encode("utf-8")])
 
-    def close(self) -> None:
-        self._tsv.close()
 
-    def abort(self) -> None:
-        self._tsv.abort()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self._tsv.__exit__(exc_type, exc, tb)
-
-
-class HwTsvWriter:
+class HwTsvWriter(RowFileWriter):
     """Writes ``hw.tsv`` rows: ``key<TAB>[{"height": H, "width": W}]`` (SGB's layout)."""
 
     def __init__(self, path: str | os.PathLike, *, lineidx: bool = True):
@@ -789,20 +765,8 @@ class HwTsvWriter:
         return self._tsv.write_row(
             image_id, [json.dumps([{"height": h, "width": w}]).encode("ascii")])
 
-    def close(self) -> None:
-        self._tsv.close()
 
-    def abort(self) -> None:
-        self._tsv.abort()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self._tsv.__exit__(exc_type, exc, tb)
-
-
-class OscarTsvWriter:
+class OscarTsvWriter(Closing):
     """``{prefix}feature.tsv``, ``{prefix}label.tsv`` and ``{prefix}hw.tsv`` (each with its
     ``.lineidx``) for one split, one row per image in the same order in every file, so that
     ``run_captioning.py`` (which pairs feature and label rows by row number) reads them.
@@ -870,12 +834,3 @@ class OscarTsvWriter:
     def abort(self) -> None:
         for w in self._writers():
             w.abort()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()

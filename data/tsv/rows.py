@@ -31,7 +31,8 @@ import numpy as np
 
 from vlkd.common.manifest import fsync_dir
 
-__all__ = ["LINEIDX_SUFFIX", "TsvIndexError", "TsvRows", "TsvWriter", "check_image_id",
+__all__ = ["Closing", "LINEIDX_SUFFIX", "RowFileWriter", "TsvIndexError", "TsvRows",
+           "TsvWriter", "check_image_id",
            "lineidx_path", "read_lineidx", "scan_line_starts", "verify_line_starts",
            "write_lineidx"]
 
@@ -376,7 +377,27 @@ class TsvRows:
         return state
 
 
-class TsvWriter:
+class Closing:
+    """``with`` support for writers: :meth:`close` on success, :meth:`abort` on an
+    exception (so an interrupted export leaves the previous files, not half-written ones)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class TsvWriter(Closing):
     """Writes one TSV file row by row, atomically, with its ``.lineidx``.
 
     Rows go to a temporary file in the destination folder; :meth:`close` flushes and fsyncs it
@@ -494,11 +515,14 @@ class TsvWriter:
             _unlink(tmp)
         self.closed = True
 
-    def __enter__(self) -> "TsvWriter":
-        return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
+class RowFileWriter(Closing):
+    """Base of the writers of one TSV file: rows go through ``self._tsv``, a
+    :class:`TsvWriter`."""
+    _tsv: TsvWriter
+
+    def close(self) -> None:
+        self._tsv.close()
+
+    def abort(self) -> None:
+        self._tsv.abort()
