@@ -374,6 +374,7 @@ def test_sgb_predictions_with_box_features(tmp_path):
     assert not c.ok and "object 0 has no 'feature'" in c.reason
     key = list(images)[1]
     _assert_same(tsv.get(key), images[key])
+    _assert_same(tsv.read(0), images[list(images)[0]])
 
 
 def test_hw_row_variants(tmp_path):

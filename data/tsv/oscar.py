@@ -606,12 +606,18 @@ class SgbPredictionsTsv:
             if rec is not None:
                 yield rec
 
+    def read(self, row: int) -> TsvImage | TsvFailure | None:
+        """Row ``row`` (None for a blank row)."""
+        return self._decode(row, self.rows.line(row), self._hw_by_key(), None)
+
     def get(self, image_id: str) -> TsvImage | TsvFailure:
         hit = self.rows.line_of(image_id)
         if hit is None:
             raise KeyError(f"{image_id!r} is not a key of {self.rows.path.name}")
-        return self._decode(hit[0], hit[1], None if self.hw is None else
-                            _Companion(self.hw).get, None)
+        return self._decode(hit[0], hit[1], self._hw_by_key(), None)
+
+    def _hw_by_key(self):
+        return None if self.hw is None else _Companion(self.hw).get
 
     def _decode(self, row, line, hw_of, seen):
         name = self.rows.path.name
