@@ -8,7 +8,10 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -30,6 +33,63 @@ def spice_available() -> tuple[bool, str]:
     return True, ""
 
 
+def _ptb_tokenizer():
+    """pycocoevalcap's PTB tokenizer, or, when its folder is read-only, the same tokenization
+    run from a writable copy of its jar.
+
+    ``PTBTokenizer.tokenize`` writes its input to a temporary file *next to its jar* (inside
+    site-packages), which fails in a read-only image (Apptainer/Singularity, ``docker run
+    --read-only``) or a root-owned venv used by another user.
+    """
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    here = Path(ptbtokenizer.__file__).resolve().parent
+    if os.access(here, os.W_OK):
+        return ptbtokenizer.PTBTokenizer()
+    return _CopiedPTBTokenizer(here)
+
+
+class _CopiedPTBTokenizer:
+    """``PTBTokenizer.tokenize`` from a writable folder holding a copy of its jar.
+
+    The command line, the one-caption-per-line input and the punctuation removed are those of
+    pycocoevalcap/tokenizer/ptbtokenizer.py (``java -cp stanford-corenlp-3.4.1.jar
+    edu.stanford.nlp.process.PTBTokenizer -preserveLines -lowerCase FILE``, its
+    ``PUNCTUATIONS``); only the folder differs.
+    """
+
+    def __init__(self, source: Path):
+        from pycocoevalcap.tokenizer import ptbtokenizer
+
+        self.jar = ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR
+        self.punctuations = set(ptbtokenizer.PUNCTUATIONS)
+        root = Path(os.environ.get("VLKD_CACHE") or tempfile.gettempdir()) / "vlkd-ptb-tokenizer"
+        root.mkdir(parents=True, exist_ok=True)
+        if not (root / self.jar).is_file():
+            tmp = root / f".{self.jar}.{os.getpid()}"
+            shutil.copyfile(source / self.jar, tmp)
+            os.replace(tmp, root / self.jar)
+        self.dir = root
+
+    def tokenize(self, captions_for_image: dict) -> dict:
+        ids = [k for k, v in captions_for_image.items() for _ in range(len(v))]
+        sentences = "\n".join(c["caption"].replace("\n", " ")
+                              for v in captions_for_image.values() for c in v)
+        with tempfile.NamedTemporaryFile(dir=self.dir, delete=False) as f:
+            f.write(sentences.encode())
+        try:
+            out = subprocess.run(["java", "-cp", self.jar, "edu.stanford.nlp.process.PTBTokenizer",
+                                  "-preserveLines", "-lowerCase", os.path.basename(f.name)],
+                                 cwd=self.dir, stdout=subprocess.PIPE, check=True).stdout
+        finally:
+            os.unlink(f.name)
+        result: dict = {}
+        for k, line in zip(ids, out.decode().split("\n")):
+            result.setdefault(k, []).append(
+                " ".join(w for w in line.rstrip().split(" ") if w not in self.punctuations))
+        return result
+
+
 def caption_scores(references: dict[str, list[str]], predictions: dict[str, str],
                    *, spice: bool | None = None) -> dict:
     """Score captions with pycocoevalcap: BLEU-1..4, METEOR, ROUGE-L, CIDEr (+ SPICE).
@@ -48,7 +108,6 @@ def caption_scores(references: dict[str, list[str]], predictions: dict[str, str]
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     extra = sorted(set(predictions) - set(references))
     if extra:
@@ -62,7 +121,7 @@ def caption_scores(references: dict[str, list[str]], predictions: dict[str, str]
     if shutil.which("java") is None:
         raise RuntimeError("captioning metrics need Java (pycocoevalcap's tokenizer and METEOR "
                            "run on the JVM); install a JRE, e.g. apt-get install default-jre")
-    tok = PTBTokenizer()
+    tok = _ptb_tokenizer()
     with contextlib.redirect_stdout(io.StringIO()):
         gts_t, res_t = tok.tokenize(gts), tok.tokenize(res)
     out: dict = {"notes": []}
