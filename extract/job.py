@@ -336,6 +336,8 @@ class ShardJob(abc.ABC):
         num_shards, backend, feature_dim, feature_dtype: the shards' layout.
         window: images per batching and commit window.
         shard_label: how progress calls a shard (``shard``, ``teacher shard``).
+        extras: the set's optional per-region arrays, ``{name: (dtype, width)}`` (None: none;
+            ``ShardWriter(extras=...)``, docs/FORMAT.md "Optional arrays").
         failure_word, failure_field: how ``shard_done`` calls the shard's failures.
     """
 
@@ -349,6 +351,7 @@ class ShardJob(abc.ABC):
     feature_dim: int
     feature_dtype: str
     window: int
+    extras: dict | None = None
     shard_label = "shard"
     failure_word, failure_field = "failed", "num_failed"
 
@@ -433,7 +436,7 @@ def run_shard(job: ShardJob, index: int, progress: Progress,
     W = job.window
     with ShardWriter(job.out, index, job.num_shards, backend=job.backend,
                      feature_dim=job.feature_dim, feature_dtype=job.feature_dtype,
-                     commit_every=W + 1, attrs=shard.attrs) as writer:
+                     commit_every=W + 1, attrs=shard.attrs, extras=job.extras) as writer:
         if writer.complete:
             shard.check_complete(writer)
             info = writer.finalize()  # already built: make sure the manifest lists it
