@@ -5,9 +5,10 @@ Each loader yields the same thing -- batches of ``--batch`` images, each image's
 ``--max-regions`` fp16 feature rows and boxes padded into ``(B, R, D)`` / ``(B, R, 4)`` tensors
 (features stay fp16; :mod:`vlkd.train.tasks` does the same) -- over one pass of the data:
 
-* ``stream (0 workers)`` / ``stream (2 workers)``: :class:`vlkd.train.stream.RegionStream` over a
-  4-shard HDF5 region set, shards and chunks shuffled, a 1024-sample shuffle buffer, per-sample
-  generators, batches collated in the (worker) process.
+* ``stream (0 workers)`` / ``stream (2 workers)`` (``--workers``, default 0 2; e.g. ``--workers
+  0 4 8`` on a GPU node): :class:`vlkd.train.stream.RegionStream` over a 4-shard HDF5 region
+  set, shards and chunks shuffled, a 1024-sample shuffle buffer, per-sample generators, batches
+  collated in the (worker) process.
 * ``memmap``: one ``.npy`` of all fp16 feature rows read through ``np.load(mmap_mode="r")`` plus
   in-memory offsets and boxes, images in a shuffled order: the floor for reading those bytes.
 * ``tsv``: Oscar/VinVL style, one line per image ``id \\t {"num_boxes", "boxes",
@@ -18,11 +19,15 @@ Each loader yields the same thing -- batches of ``--batch`` images, each image's
 Files are read once before timing, so all of them are in the page cache (a training job
 re-reading its set) and the numbers compare decoding and copying, not the disk.
 
-Peak RSS: a fresh process iterates a full epoch of a set of N and of 10N images (0 and 2
-workers), shards of 250 images (a 10× larger set has 10× the shards); the target is a peak for
+Peak RSS: a fresh process iterates a full epoch of a set of N and of 10N images (the fewest
+and the most ``--workers``: 0 and 2 by default), shards of 250 images (a 10× larger set has 10× the shards); the target is a peak for
 10N within 1.1× of N (the stream holds one shard's small arrays and mapped pages, the images
 with samples in the buffer and the buffer, not the dataset). Reported both as the process peak
 and as the growth over the process's RSS after imports.
+
+The last line, ``best stream: ...``, names the stream loader with the most steady samples/s:
+``benchmarks/gpu_suite.py`` checks it against the distillation step's samples/s (issue L: the
+loader must deliver at least 3x what the step consumes).
 
     python benchmarks/loader_throughput.py --quick     # ~1 min, 1,000 images × 768-d
     python benchmarks/loader_throughput.py             # ~5 min, 3,000 images × 2048-d
@@ -230,8 +235,15 @@ def main(argv=None) -> int:
     ap.add_argument("--rss-images", type=int, help="N of the RSS runs (10N is the second)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--max-regions", type=int, default=50)
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 2], metavar="N",
+                    help="DataLoader workers of the stream loader, one row each (default 0 2); "
+                    "the RSS runs use the fewest and the most")
     ap.add_argument("--out", help="work directory (default: a temporary one, removed)")
     args = ap.parse_args(argv)
+    workers_list = sorted(set(args.workers))
+    if workers_list[0] < 0:
+        ap.error(f"--workers: a DataLoader has 0 or more workers, got {workers_list[0]}")
+    rss_workers = sorted({workers_list[0], workers_list[-1]})
     n = args.images or (1000 if args.quick else 3000)
     dim = args.dim or (768 if args.quick else 2048)
     rss_n = args.rss_images or (1000 if args.quick else 3000)
@@ -245,14 +257,14 @@ def main(argv=None) -> int:
         made = time.perf_counter() - t0
         order = np.random.default_rng(1).permutation(n)
         loaders = {
-            "stream (0 workers)": lambda: stream_loader(rset, base["ids"], args.batch, 0,
-                                                        args.max_regions),
-            "stream (2 workers)": lambda: stream_loader(rset, base["ids"], args.batch, 2,
-                                                        args.max_regions),
+            f"stream ({w} workers)": (lambda w=w: stream_loader(rset, base["ids"], args.batch,
+                                                                w, args.max_regions))
+            for w in workers_list}
+        loaders.update({
             "memmap": lambda: memmap_loader(base, order, args.batch, args.max_regions),
             "tsv": lambda: tsv_loader(base, order, args.batch, args.max_regions),
             "npz": lambda: npz_loader(base, order, args.batch, args.max_regions),
-        }
+        })
         for make in loaders.values():  # warm the page cache; every loader must see n images
             assert run_epoch(make())[0] == n
         rates, steady = {}, {}
@@ -266,7 +278,7 @@ def main(argv=None) -> int:
             # fixed shard size (250 images): a 10× larger set has 10× the shards, as when each
             # array job of the extraction writes one shard
             d = write_region_set(work / f"rss{k}", count, 256, seed=1, shards=count // 250)
-            for workers in (0, 2):
+            for workers in rss_workers:
                 rss[(k, workers)] = measure_rss(d, workers)
             shutil.rmtree(d)
     finally:
@@ -279,10 +291,12 @@ def main(argv=None) -> int:
     print("# epoch: samples / epoch wall time (worker start-up included); steady: after the "
           "first batch")
     print()
-    print("| loader | epoch samples/s | steady samples/s | stream 0 w ÷ it (epoch) | "
-          "stream 2 w ÷ it (steady) |")
+    # the two reference columns: the fewest workers by epoch rate, the most by steady rate
+    lo, hi = workers_list[0], workers_list[-1]
+    print(f"| loader | epoch samples/s | steady samples/s | stream {lo} w ÷ it (epoch) | "
+          f"stream {hi} w ÷ it (steady) |")
     print("|---|---:|---:|---:|---:|")
-    s0, s2 = rates["stream (0 workers)"], steady["stream (2 workers)"]
+    s0, s2 = rates[f"stream ({lo} workers)"], steady[f"stream ({hi} workers)"]
     for name in rates:
         print(f"| {name} | {rates[name]:,.0f} | {steady[name]:,.0f} | {s0 / rates[name]:.2f}x | "
               f"{s2 / steady[name]:.2f}x |")
@@ -293,7 +307,7 @@ def main(argv=None) -> int:
     print("| workers | process | N peak | 10N peak | ratio | N growth | 10N growth | target |")
     print("|---:|---|---:|---:|---:|---:|---:|---|")
     ok = True
-    for workers in (0, 2):
+    for workers in rss_workers:
         a, b = rss[("N", workers)], rss[("10N", workers)]
         rows = [("main", a["peak"], b["peak"], a["peak"] - a["base"], b["peak"] - b["base"])]
         if workers:
@@ -309,6 +323,9 @@ def main(argv=None) -> int:
                   f"≤ 1.1 {'ok' if good else 'MISSED'} |")
     print()
     print("target: " + ("met" if ok else "MISSED"))
+    best = max(workers_list, key=lambda w: steady[f"stream ({w} workers)"])
+    print(f"best stream: {best} workers, {steady[f'stream ({best} workers)']:.0f} steady "
+          f"samples/s, {rates[f'stream ({best} workers)']:.0f} epoch samples/s")
     return 0
 
 
