@@ -35,7 +35,8 @@ from torchvision.ops import roi_align
 
 ROOT = Path(__file__).resolve().parents[1]
 DETECTOR_CONFIGS = {"c4": ROOT / "configs" / "detectors" / "tiny-c4.yaml",
-                    "fpn": ROOT / "configs" / "detectors" / "tiny-fpn.yaml"}
+                    "fpn": ROOT / "configs" / "detectors" / "tiny-fpn.yaml",
+                    "tee": ROOT / "configs" / "detectors" / "tiny-tee.yaml"}
 # Deltas (dx, dy, dw, dh) before Box2BoxTransform's weights (10, 10, 5, 5): a 10 % shift and
 # a ~10 % resize, growing with the class index so class-specific boxes differ.
 BOX_DELTA = (1.0, 0.5, 0.5, -0.25)
@@ -46,7 +47,7 @@ __all__ = ["DETECTOR_CONFIGS", "committed_images", "tiny_model", "save_tiny_weig
 
 
 def tiny_model(kind: str, seed: int = 0):
-    """Build the tiny ``kind`` ("c4" | "fpn") model on CPU with the readable-output edits.
+    """Build the tiny ``kind`` ("c4" | "fpn" | "tee") model on CPU with the readable-output edits.
 
     Returns:
         (cfg, model) in eval mode.
@@ -90,7 +91,7 @@ def save_tiny_weights(kind: str, path: Path, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory):
-    """``{"c4": Path, "fpn": Path}`` of tiny-model ``.pth`` files (seed 0)."""
+    """``{"c4": Path, "fpn": Path, "tee": Path}`` of tiny-model ``.pth`` files (seed 0)."""
     d = tmp_path_factory.mktemp("tiny-weights")
     return {k: save_tiny_weights(k, d / f"tiny-{k}.pth") for k in DETECTOR_CONFIGS}
 
@@ -127,7 +128,8 @@ def resized_hw_reference(h: int, w: int, short: int, max_size: int) -> tuple[int
 def _pooled_reference(cfg, model, rgb: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """Features of ``boxes`` (original pixels) in ``rgb``, computed without vlkd: PIL resize,
     manual normalisation and padding, the model's backbone, torchvision ROIAlign with
-    detectron2's level rule, then res5 + mean (C4) or the box head (FPN)."""
+    detectron2's level rule, then res5 + mean (C4) or the box head (FPN, and TEE over its
+    BiFPN levels)."""
     h, w = rgb.shape[:2]
     img = rgb[:, :, ::-1] if cfg.INPUT.FORMAT == "BGR" else rgb
     nh, nw = resized_hw_reference(h, w, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)

@@ -135,7 +135,7 @@ def test_preprocessing_is_default_predictors(hw):
     np.testing.assert_array_equal(Preprocessing(160, 256, "RGB")(rgb).numpy(), want[::-1])
 
 
-@pytest.mark.parametrize("kind", ["c4", "fpn"])
+@pytest.mark.parametrize("kind", ["c4", "fpn", "tee"])
 def test_detections_equal_default_predictor(kind, tiny_weights):
     """Our detect + frame mapping reproduces detectron2's DefaultPredictor when the selection
     is detectron2's (no top-up)."""
@@ -222,7 +222,7 @@ def test_selection_options_validated():
 
 # ------------------------------------------------------------------------------- pooling
 
-@pytest.mark.parametrize("kind", ["c4", "fpn"])
+@pytest.mark.parametrize("kind", ["c4", "fpn", "tee"])
 def test_pool_over_given_boxes_matches_reference(kind, tiny_weights):
     det = Detector.load(DETECTOR_CONFIGS[kind], tiny_weights[kind])
     cfg, model = det.cfg, det.model

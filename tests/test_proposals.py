@@ -1,4 +1,4 @@
-"""`vlkd-extract proposals` end to end on tiny C4 and FPN detectors and generated images."""
+"""`vlkd-extract proposals` end to end on tiny C4, FPN and TEE detectors and generated images."""
 import io
 import json
 import signal
@@ -40,7 +40,7 @@ def errors(set_dir):
 
 # ------------------------------------------------------------------------- correctness
 
-@pytest.mark.parametrize("kind", ["c4", "fpn"])
+@pytest.mark.parametrize("kind", ["c4", "fpn", "tee"])
 def test_features_are_the_models_own_over_the_stored_boxes(kind, tiny_weights, tmp_path):
     images = make_images(tmp_path / "imgs", 10)
     out = tmp_path / "set"
