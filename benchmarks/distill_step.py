@@ -118,7 +118,8 @@ def bench_pair(name: str, bsz: int, num_text: int, num_regions: int, rounds: int
     q.filled.fill_(q.size)
 
     opt_student = torch.optim.AdamW(student.parameters(), lr=1e-5)
-    opt_distill = torch.optim.AdamW(list(student.parameters()) + list(distill.parameters()), lr=1e-5)
+    opt_distill = torch.optim.AdamW(list(student.parameters()) + list(distill.parameters()),
+                                    lr=1e-5)
 
     base_flags = task_only.output_flags()
     kd_flags = distill.output_flags()

@@ -19,11 +19,12 @@ Each loader yields the same thing -- batches of ``--batch`` images, each image's
 Files are read once before timing, so all of them are in the page cache (a training job
 re-reading its set) and the numbers compare decoding and copying, not the disk.
 
-Peak RSS: a fresh process iterates a full epoch of a set of N and of 10N images (the fewest
-and the most ``--workers``: 0 and 2 by default), shards of 250 images (a 10× larger set has 10× the shards); the target is a peak for
-10N within 1.1× of N (the stream holds one shard's small arrays and mapped pages, the images
-with samples in the buffer and the buffer, not the dataset). Reported both as the process peak
-and as the growth over the process's RSS after imports.
+Peak RSS: a fresh process iterates a full epoch of a set of N and of 10N images (with the
+fewest and the most ``--workers``: 0 and 2 by default), shards of 250 images (a 10× larger set
+has 10× the shards); the target is a peak for 10N within 1.1× of N (the stream holds one
+shard's small arrays and mapped pages, the images with samples in the buffer and the buffer,
+not the dataset). Reported both as the process peak and as the growth over the process's RSS
+after imports.
 
 The last line, ``best stream: ...``, names the stream loader with the most steady samples/s:
 ``benchmarks/gpu_suite.py`` checks it against the distillation step's samples/s (issue L: the
