@@ -47,10 +47,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from gpu_util import UtilSampler, nvidia_smi_id, parse_number
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -204,70 +205,6 @@ def _git_revision() -> str:
     return r if re.fullmatch(r"[0-9a-f]{40}", r) else "unknown"
 
 
-class UtilSampler:
-    """GPU utilisation (%), memory (MiB), power (W) and SM clock every 200 ms from
-    ``nvidia-smi``'s query loop; without nvidia-smi, CPU utilisation (%) from psutil."""
-
-    def __init__(self):
-        self.samples: list[tuple] = []   # (unix time, util %, memory MiB, power W, sm MHz)
-        self.source = "nvidia-smi" if shutil.which("nvidia-smi") else "cpu (psutil)"
-        self._stop = threading.Event()
-        self._proc = None
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        if self._proc is not None:
-            self._proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._proc.wait(5)
-        self._thread.join(10)
-
-    def _loop(self):
-        if self.source == "nvidia-smi":
-            self._proc = subprocess.Popen(
-                ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used,power.draw,clocks.sm",
-                 "--format=csv,noheader,nounits", "-lms", "200", "-i", "0"],
-                stdout=subprocess.PIPE, text=True)
-            for line in self._proc.stdout:
-                vals = [_num(x) for x in line.split(",")]
-                if len(vals) == 4:
-                    self.samples.append((time.time(), *vals))
-                if self._stop.is_set():
-                    break
-        else:
-            import psutil
-            psutil.cpu_percent(None)
-            while not self._stop.wait(0.2):
-                self.samples.append((time.time(), psutil.cpu_percent(None), None, None, None))
-
-    def window(self, t0: float, t1: float) -> dict:
-        """Mean and max utilisation, max memory and mean power between ``t0`` and ``t1``."""
-        s = [x for x in self.samples if t0 <= x[0] <= t1]
-        if not s:
-            return {"samples": 0}
-        util = [x[1] for x in s if x[1] is not None]
-        mem = [x[2] for x in s if x[2] is not None]
-        pw = [x[3] for x in s if x[3] is not None]
-        return {"samples": len(s), "util_mean": _mean(util), "util_max": max(util, default=None),
-                "mem_max_mib": max(mem, default=None), "power_mean_w": _mean(pw)}
-
-
-def _num(x: str):
-    try:
-        return float(x)
-    except ValueError:
-        return None
-
-
-def _mean(xs):
-    return round(statistics.fmean(xs), 1) if xs else None
-
-
 # ------------------------------------------------------------------------------- running
 def run_steps(steps: list[Step], args, sampler: UtilSampler, log) -> list[dict]:
     """Runs the plan within ``args.budget`` seconds; a result per step."""
@@ -368,7 +305,7 @@ def checks(results: list[dict]) -> list[tuple[str, str, str]]:
         distill_sps = max(best) if best else None
     loader = next((r for r in results if r["group"] == "loader" and r.get("tables")), None)
     if loader and distill_sps:
-        steady = [_num(row.get("steady samples/s", "").replace(",", "")) for t in loader["tables"]
+        steady = [parse_number(row.get("steady samples/s", "").replace(",", "")) for t in loader["tables"]
                   for row in t if row.get("loader", "").startswith("stream")]
         steady = [x for x in steady if x]
         if steady:
@@ -660,7 +597,7 @@ def main(argv=None) -> int:
         print(f"[gpu_suite] {env.get('gpu')} · torch {env['torch']} · {len(steps)} steps, "
               f"budget {args.budget:.0f} s · output {out}", flush=True)
         t0 = time.time()
-        with UtilSampler() as sampler, open(out / "steps.log", "w") as log:
+        with UtilSampler(gpu=nvidia_smi_id(0)) as sampler, open(out / "steps.log", "w") as log:
             results = run_steps(steps, args, sampler, log)
         wall = time.time() - t0
         with open(out / "util.csv", "w") as f:
