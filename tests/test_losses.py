@@ -509,3 +509,42 @@ def test_unknown_loss_params_name_what_the_loss_takes():
         build_loss("hidden_mse", {"queue_size": 8}, s, t)
     with pytest.raises(ValueError, match="unknown params \\['student_dim'\\]"):
         build_loss("hidden_mse", {"student_dim": 8}, s, t)
+
+
+def test_logit_kd_refuses_label_lists_that_differ_naming_the_first_difference():
+    from vlkd.train.losses import LogitKDLoss
+
+    vqa = LogitKDLoss(head="vqa")
+    answers = ["yes", "no", "2", "red"]
+    vqa.check_labels({"vqa": answers}, {"vqa": list(answers)})          # identical: accepted
+    with pytest.raises(ValueError, match=r"index 1 is 'no' for the student and '2' for the "
+                                         r"teacher"):
+        vqa.check_labels({"vqa": answers}, {"vqa": ["yes", "2", "no", "red"]})
+    with pytest.raises(ValueError, match=r"the student has 4 entries and the teacher 5 \(the "
+                                         r"teacher's index 4 is 'blue'\)"):
+        vqa.check_labels({"vqa": answers}, {"vqa": answers + ["blue"]})
+    with pytest.raises(ValueError, match="teacher's answer list is unknown.*answers.txt"):
+        vqa.check_labels({"vqa": answers}, {"vqa": None})
+    mlm = LogitKDLoss(head="mlm")
+    with pytest.raises(ValueError, match=r"vocabulary \(tokens by id\) differ.*index 2 is "
+                                         r"'\[CLS\]' for the student and 'a' for the teacher"):
+        mlm.check_labels({"mlm": ["[PAD]", "[UNK]", "[CLS]"]}, {"mlm": ["[PAD]", "[UNK]", "a"]})
+
+
+def test_every_registered_loss_lists_its_params_and_defaults():
+    import inspect
+
+    from vlkd.train.losses import FROM_MODEL_CONFIGS, LOSSES, describe_losses, loss_params
+
+    listed = {d["name"]: d for d in describe_losses()}
+    assert list(listed) == LOSSES.names()
+    for name in LOSSES.names():
+        sig = inspect.signature(LOSSES.get(name).__init__).parameters
+        want = {k: None if p.default is p.empty else p.default for k, p in sig.items()
+                if k != "self" and k not in FROM_MODEL_CONFIGS
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        assert {p.name: p.default for p in loss_params(name)} == want, name
+    hidden = {p.name: p for p in listed["hidden_infonce"]["params"]}
+    assert hidden["queue_size"].default == 4096 and hidden["queue_size"].help == "K."
+    assert hidden["temperature"].default == 0.07 and hidden["temperature"].help == "τ."
+    assert listed["logit_kd"]["needs_teacher"] and not listed["vqa_bce"]["needs_teacher"]

@@ -212,6 +212,23 @@ def test_evaluate_captions_scores_equal_pycocoevalcap(world, tmp_path):
     assert "METEOR" in scores
 
 
+def test_loss_options_are_listed_from_the_registry():
+    from vlkd.train.losses import describe_losses
+
+    help_text = CliRunner().invoke(main, ["distill", "--help"]).output
+    listing = CliRunner().invoke(main, ["losses", "--task", "vqa"])
+    assert listing.exit_code == 0, listing.output
+    for d in describe_losses():
+        assert d["name"] in help_text and d["name"] in listing.output
+        for p in d["params"]:
+            assert f"{p.name}=" in help_text and f"{p.name}:" in listing.output
+    # the defaults a distill run starts from, and where each param is set
+    assert "queue_size=4096" in help_text and "temperature=0.07" in help_text
+    assert "--set losses.TERM.params.KEY=VALUE" in help_text
+    assert "Default terms: distill --task vqa" in listing.output
+    assert "logit_kd, weight 0.0, params temperature=1.0, head=vqa" in listing.output
+
+
 def test_shipped_configs_load_and_options_override_them():
     from pathlib import Path
 

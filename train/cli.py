@@ -33,6 +33,7 @@ def main() -> None:
     distill      student trained with task loss + attention / hidden-state KD from a teacher
     evaluate     captioning (pycocoevalcap) and VQA (official accuracy)
     build-vocab  train a BERT WordPiece vocabulary from annotation files
+    losses       the loss types, their params and defaults, each task's default terms
     """
     # DataLoader workers fork after the fast tokenizer ran: its thread pool must not be used
     # across the fork (the tokenizers library would warn and fall back anyway).
@@ -255,7 +256,82 @@ def finetune(config_path, overrides, resume, **options):
     _run_guarded("finetune", cfg, resume)
 
 
-@main.command()
+# ------------------------------------------------------------------------------- loss terms
+def _yaml_value(v) -> str:
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def _format_losses(formatter: click.HelpFormatter, *, describe: bool) -> None:
+    """Every registered loss (:data:`vlkd.train.losses.LOSSES`) with its params and defaults,
+    read from the registry (constructor signatures and ``Args:`` docstrings)."""
+    from .losses import describe_losses
+
+    with formatter.section("Loss types (losses.TERM.type) and their params (defaults)"):
+        rows = []
+        for d in describe_losses():
+            teacher = " [needs the teacher]" if d["needs_teacher"] else ""
+            if not describe:
+                params = ", ".join(f"{p.name}={_yaml_value(p.default)}" for p in d["params"])
+                rows.append((d["name"], (params or "no params") + teacher))
+                continue
+            formatter.write_text(f"{d['name']}: {d['summary']}{teacher}")
+            with formatter.indentation():
+                formatter.write_dl([(f"{p.name}: {_yaml_value(p.default)}", p.help)
+                                    for p in d["params"]] or [("no params", "")])
+            formatter.write_paragraph()
+        if rows:
+            formatter.write_dl(rows)
+    formatter.write_paragraph()
+    formatter.write_text("Set a param with --set losses.TERM.params.KEY=VALUE, a weight with "
+                         "--set losses.TERM.weight=W, another type with --set "
+                         "losses.TERM.type=TYPE (TERM: a default term, or a new name).")
+
+
+def _format_default_terms(formatter: click.HelpFormatter, tasks: list[str],
+                          commands: tuple[str, ...]) -> None:
+    """The terms ``default_losses`` gives each task and command (before ``losses:``)."""
+    from .config import TaskConfig, default_losses
+
+    for name in tasks:
+        for command in commands:
+            terms = default_losses(TaskConfig(name=name), distill=command == "distill")
+            with formatter.section(f"Default terms: {command} --task {name}"):
+                formatter.write_dl([
+                    (term, f"{t['type']}, weight {_yaml_value(t['weight'])}" + (
+                        ", params " + ", ".join(f"{k}={_yaml_value(v)}"
+                                                for k, v in t["params"].items())
+                        if t.get("params") else ""))
+                    for term, t in terms.items()])
+
+
+class _DistillCommand(click.Command):
+    """``distill``: its help ends with the registered losses and their params, generated from
+    the registry when the help is shown (so that importing the command line stays light)."""
+
+    def format_epilog(self, ctx, formatter) -> None:
+        _format_default_terms(formatter, ["caption"], ("distill",))
+        _format_losses(formatter, describe=False)
+        formatter.write_paragraph()
+        formatter.write_text("`vlkd-train losses [--task T]` says what each param means and "
+                             "lists every task's default terms.")
+        super().format_epilog(ctx, formatter)
+
+
+@main.command("losses")
+@click.option("--task", type=_TaskChoice(), default=None,
+              help="Show the default terms of this task only (default: every task).")
+def losses_cmd(task):
+    """List the registered loss types with their params and defaults, and the default loss
+    terms of each task for finetune and distill (all generated from the registries)."""
+    from .tasks import task_names
+
+    formatter = click.HelpFormatter(max_width=100)
+    _format_losses(formatter, describe=True)
+    _format_default_terms(formatter, [task] if task else task_names(), ("finetune", "distill"))
+    click.echo(formatter.getvalue().rstrip())
+
+
+@main.command(cls=_DistillCommand)
 @_key("distill.teacher", "--teacher")
 @_key("model.model", "--student")
 @_key("data.regions", "--student-regions")

@@ -33,8 +33,9 @@ Layer maps (``layer_map``) pair a student layer s with a teacher layer t, number
 from __future__ import annotations
 
 import inspect
-
+import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -63,7 +64,12 @@ __all__ = [
     "HiddenInfoNCELoss",
     "HiddenMSELoss",
     "LogitKDLoss",
+    "first_difference",
     "LossCombiner",
+    "FROM_MODEL_CONFIGS",
+    "LossParam",
+    "loss_params",
+    "describe_losses",
 ]
 
 LayerMapSpec = str | Sequence[Sequence[int]]
@@ -101,13 +107,59 @@ def build_loss(type_name: str, params: Mapping[str, Any] | None = None,
     sig = inspect.signature(cls.__init__)
     if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
         known = [n for n in sig.parameters if n != "self"]
-        # from_config fills these from the model configs
-        given = {"student_dim", "teacher_dim", "num_student_layers", "num_teacher_layers"}
-        unknown = sorted(k for k in params if k not in known or k in given)
+        unknown = sorted(k for k in params if k not in known or k in FROM_MODEL_CONFIGS)
         if unknown:
             raise ValueError(f"loss {type_name!r}: unknown params {unknown}; it takes "
-                             f"{sorted(k for k in known if k not in given)}")
+                             f"{sorted(k for k in known if k not in FROM_MODEL_CONFIGS)}")
     return cls.from_config(params, student_config, teacher_config)
+
+
+#: Constructor arguments that ``from_config`` fills from the model configs (not YAML params).
+FROM_MODEL_CONFIGS = frozenset({"student_dim", "teacher_dim", "num_student_layers",
+                                "num_teacher_layers"})
+
+
+@dataclass(frozen=True)
+class LossParam:
+    """One YAML param of a registered loss: its name, default and help (from ``Args:``)."""
+
+    name: str
+    default: Any
+    help: str
+
+
+def loss_params(type_name: str) -> list[LossParam]:
+    """The YAML ``params`` a registered loss takes, read from its constructor and docstring:
+    names and defaults from the signature, help from the class's ``Args:`` section."""
+    from vlkd.common.config import field_help, plain_text
+
+    cls = LOSSES.get(type_name)
+    # The Args: section has the syntax of an Attributes: one, which field_help reads.
+    doc = re.sub(r"^(\s*)Args:\s*$", r"\1Attributes:", cls.__doc__ or "", flags=re.M)
+    helps = field_help(type("_LossDoc", (), {"__doc__": doc}))
+    out = []
+    for name, p in inspect.signature(cls.__init__).parameters.items():
+        if name == "self" or name in FROM_MODEL_CONFIGS or p.kind in (p.VAR_POSITIONAL,
+                                                                     p.VAR_KEYWORD):
+            continue
+        default = None if p.default is inspect.Parameter.empty else p.default
+        out.append(LossParam(name, default, plain_text(helps.get(name, ""))))
+    return out
+
+
+def describe_losses() -> list[dict[str, Any]]:
+    """Every registered loss, in registration order: ``{"name", "summary", "needs_teacher",
+    "params": [LossParam, ...]}`` (what ``vlkd-train losses`` and ``distill --help`` print)."""
+    from vlkd.common.config import plain_text
+
+    out = []
+    for name in LOSSES.names():
+        cls = LOSSES.get(name)
+        first = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+        summary = re.match(r"(.*?)(?:[.:](?:\s|$)|$)", first).group(1)  # the first sentence
+        out.append({"name": name, "summary": plain_text(summary),
+                    "needs_teacher": bool(cls.needs_teacher), "params": loss_params(name)})
+    return out
 
 
 class KDLoss(nn.Module):
@@ -686,6 +738,43 @@ class LogitKDLoss(KDLoss):
         bce = F.binary_cross_entropy_with_logits(zs / temp, torch.sigmoid(zt / temp))
         return bce * zs.shape[-1] * temp * temp
 
+    #: What the logits of each head are over (the keys of :meth:`check_labels`'s mappings).
+    LABEL_SPACES = {"mlm": "vocabulary (tokens by id)", "vqa": "answer list"}
+
+    def check_labels(self, student_labels: Mapping[str, Sequence[str]],
+                     teacher_labels: Mapping[str, Sequence[str] | None]) -> None:
+        """Refuses teacher and student logits that are over different label lists.
+
+        Logit i must mean the same for both: the same answer (``head: vqa``) or the same token
+        (``head: mlm``). Equal shapes are not enough: two answer lists in another order pass
+        every shape check and make the KD target wrong for every question.
+
+        Args:
+            student_labels, teacher_labels: ``{head: labels by logit index}`` (the answer list
+                for ``vqa``, the tokens by id for ``mlm``); None when a side's list is unknown.
+
+        Raises:
+            ValueError: naming the first index where the lists differ (or the missing list).
+        """
+        what = self.LABEL_SPACES[self.head]
+        s, t = student_labels.get(self.head), teacher_labels.get(self.head)
+        for side, labels in (("student", s), ("teacher", t)):
+            if labels is None:
+                raise ValueError(f"logit_kd (head {self.head}): the {side}'s {what} is unknown, so "
+                                 f"its logits cannot be matched with the other model's; "
+                                 + ("give the teacher directory its answers.txt (one answer per "
+                                    "line, in classifier order)" if self.head == "vqa" else
+                                    "give the teacher directory its tokenizer (vocab.txt)"))
+        diff = first_difference(list(s), list(t))
+        if diff:
+            raise ValueError(f"logit_kd (head {self.head}): the teacher's and the student's "
+                             f"{what} differ, so their logits mean different things: {diff}; "
+                             "distil between models with identical lists (train the student "
+                             "with the teacher's " + ("answers.txt as data.answer_vocab)"
+                                                      if self.head == "vqa" else
+                                                      "tokenizer, --tokenizer TEACHER_DIR)")
+                             + " or set losses.logits.weight=0")
+
     def compute(self, student, teacher, batch):
         teacher = _require_teacher(teacher, "logit_kd")
         field = f"{self.head}_logits"
@@ -694,6 +783,20 @@ class LogitKDLoss(KDLoss):
             raise ValueError(f"logit_kd: both outputs need {field}; run both models with the "
                              f"task that uses the {self.head} head")
         return self(zs, zt)
+
+
+def first_difference(student: Sequence[str], teacher: Sequence[str]) -> str | None:
+    """Where two label lists first differ, in words (None when they are identical)."""
+    for i, (a, b) in enumerate(zip(student, teacher)):
+        if a != b:
+            return f"index {i} is {a!r} for the student and {b!r} for the teacher"
+    if len(student) != len(teacher):
+        longer, side = ((student, "student") if len(student) > len(teacher)
+                        else (teacher, "teacher"))
+        n = min(len(student), len(teacher))
+        return (f"the student has {len(student)} entries and the teacher {len(teacher)} (the "
+                f"{side}'s index {n} is {longer[n]!r})")
+    return None
 
 
 # --------------------------------------------------------------------------------------------
