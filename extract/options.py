@@ -61,6 +61,41 @@ class BoxSelection:
             raise ValueError(f"--nms-thresh must be in (0, 1], got {self.nms_thresh}")
 
 
+#: The rules ``--box-selection`` names (:attr:`ProposalsConfig.box_selection`).
+BOX_SELECTION_RULES = ("detectron2", "vinvl")
+
+
+@dataclass
+class AttributeOptions:
+    """Per-box attributes from the detector's attribute head (``proposals``, ``teacher-features``).
+
+    The rule is scene_graph_benchmark's ``AttributePostProcessor`` for the box's object class
+    (``vlkd.extract.attributes``); the defaults are SGB's values for VinVL
+    (``sgg_configs/vgattr/vinvl_x152c4.yaml``, ``scene_graph_benchmark/config/sg_defaults.py``).
+
+    Attributes:
+        enabled: Store each box's attributes as the optional arrays attr_ids / attr_scores
+            (needs a detector with an attribute head, e.g. a converted VinVL).
+        top_k: Attribute slots per box, best first (SGB's MAX_NUM_ATTR_PER_OBJ).
+        score_thresh: Keep attributes scoring above this (SGB's
+            POSTPROCESS_ATTRIBUTES_THRESHOLD); empty slots are -1 with score 0.
+        max_per_image: SGB's MAX_NUM_ATTR_PER_IMG cap, applied as SGB's code does (0: none).
+    """
+
+    enabled: bool = False
+    top_k: int = 16
+    score_thresh: float = 0.05
+    max_per_image: int = 100
+
+    def __post_init__(self):
+        if self.top_k < 1:
+            raise ValueError(f"--attr-top-k must be >= 1, got {self.top_k}")
+        if not 0 <= self.score_thresh < 1:
+            raise ValueError(f"--attr-thresh must be in [0, 1), got {self.score_thresh}")
+        if self.max_per_image < 0:
+            raise ValueError(f"--attr-max-per-image must be >= 0, got {self.max_per_image}")
+
+
 @dataclass(kw_only=True)
 class JobOptions:
     """Options every extraction job shares (``proposals``, ``teacher-features``).
@@ -87,6 +122,7 @@ class JobOptions:
         opts: detectron2 config overrides, KEY VALUE pairs in one list.
         window: Images per commit, which is also the window within which same-size images are
             batched (0: max(32, 8 x batch size)); a killed job resumes from the last commit.
+        attributes: Per-box attributes (:class:`AttributeOptions`).
     """
 
     images: str
@@ -106,6 +142,7 @@ class JobOptions:
     progress: bool = True
     opts: list[str] = field(default_factory=list)
     window: int = 0
+    attributes: AttributeOptions = field(default_factory=AttributeOptions)
 
     def window_size(self) -> int:
         return self.window or max(32, 8 * self.batch_size)
@@ -119,6 +156,11 @@ class ProposalsConfig(JobOptions):
         num_shards: Shards of the set.
         backend: Shard format: hdf5 or zarr.
         selection: Which detections become regions (:class:`BoxSelection`).
+        box_selection: The rule applying it: detectron2 (class-specific regressed boxes,
+            fast_rcnn_inference, top-up) or vinvl (VinVL's released features, SGB's
+            NMS_FILTER 1 with TEST.IGNORE_BOX_REGRESSION: one region per proposal, its
+            unregressed box, per-class NMS at SGB's fixed IoU 0.3, the best class; --nms-thresh
+            and the top-up pool do not apply).
         max_failures: Exit non-zero (3) when more images fail to decode: a count (5), a
             fraction (0.01) or a percentage (1%).
     """
@@ -126,7 +168,18 @@ class ProposalsConfig(JobOptions):
     num_shards: int = 1
     backend: str = "hdf5"
     selection: BoxSelection = field(default_factory=BoxSelection)
+    box_selection: str = "detectron2"
     max_failures: str = "1%"
+
+    def __post_init__(self):
+        if self.box_selection not in BOX_SELECTION_RULES:
+            raise ValueError(f"--box-selection {self.box_selection!r}: expected one of "
+                             f"{', '.join(BOX_SELECTION_RULES)}")
+        if self.box_selection == "vinvl" and self.selection.nms_thresh != \
+                BoxSelection.nms_thresh:
+            raise ValueError(f"--nms-thresh {self.selection.nms_thresh} does not apply to "
+                             "--box-selection vinvl: SGB's filter_results_peter fixes its "
+                             "per-class NMS IoU at 0.3; leave --nms-thresh out")
 
 
 @dataclass(kw_only=True)
@@ -189,5 +242,6 @@ class TrainDetectorOptions:
 TRAIN_DETECTOR_CONFIG_FILE = "train-detector.yaml"
 
 __all__ = ["BACKENDS", "FEATURE_DTYPES", "PRECISION_NAMES", "LOG_FORMATS", "PER_JOB_KEYS",
-           "SET_CONFIG_FILE", "TRAIN_DETECTOR_CONFIG_FILE", "BoxSelection", "JobOptions",
+           "SET_CONFIG_FILE", "TRAIN_DETECTOR_CONFIG_FILE", "BOX_SELECTION_RULES", "BoxSelection",
+           "AttributeOptions", "JobOptions",
            "ProposalsConfig", "TeacherConfig", "TrainDetectorOptions"]

@@ -74,6 +74,10 @@ over ``C4``). An instance is bound to one model's ``roi_heads`` and must honour:
 - ``kind`` (the manifest's ``detector.kind``) and ``description`` (how ``options.features``
   describes the pooling). Changing either changes the manifests of new sets, so a family's
   strings are part of the format: do not reword them.
+- optionally, an attribute head: ``num_attributes`` (A; 0, the default, when the head predicts
+  none) and ``attribute_probs(pooled, classes)``: ``(N, A + 1)`` attribute probabilities of each
+  pooled feature given its object class (0..K-1), the "no attribute" column last (detectron2's
+  background convention). ``--attributes`` stores the best of them (``vlkd.extract.attributes``).
 """
 
 
@@ -118,6 +122,23 @@ class PoolerFamily:
             probs = torch.softmax(logits.float(), dim=-1)
         scores, classes = probs[:, :-1].max(dim=1)
         return scores, classes
+
+    @property
+    def num_attributes(self) -> int:
+        """A, the attributes the head predicts per box (0: the head has no attribute head)."""
+        return 0
+
+    def attribute_probs(self, pooled: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """``(N, A + 1)`` attribute probabilities of pooled features given their classes
+        (0..K-1), the "no attribute" column last.
+
+        Raises:
+            UnsupportedROIHeadsError: the family's heads predict no attributes.
+        """
+        raise UnsupportedROIHeadsError(
+            f"the {self.kind} detector ({type(self.roi_heads).__name__}) has no attribute head;"
+            " --attributes needs one (a VinVL detector converted with `vlkd-extract "
+            "convert-detector --from vinvl` from a checkpoint with MODEL.ATTRIBUTE_ON)")
 
 
 @POOLERS.register()
