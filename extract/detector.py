@@ -35,6 +35,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import yaml
+from PIL import Image
 from detectron2 import model_zoo
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
@@ -58,6 +59,8 @@ TENSOR_SUFFIXES = (".pth", ".pt", ".safetensors")
 
 
 CLASS_NAMES_FILE = "class_names.json"  # beside a detector config: its class names, in order
+ATTRIBUTE_NAMES_FILE = "attribute_names.json"  # ... and its attribute names (attribute heads)
+RESIZE_RULES = ("detectron2", "maskrcnn_benchmark")  # INPUT.RESIZE_RULE (Preprocessing)
 
 
 class DetectorError(ValueError):
@@ -109,6 +112,28 @@ def _load_yaml_with_base(path: Path) -> dict:
     return merged
 
 
+#: vlkd's own detector parts whose configs carry keys of their own: ``{module: (keys)}``. A module
+#: is imported (registering its classes) and its ``add_config`` applied when a config sets one
+#: of its keys, so other configs resolve, and digest, as before it existed.
+CONFIG_KEY_MODULES = {"vlkd.extract.vinvl": ("MODEL.VINVL", "INPUT.RESIZE_RULE")}
+
+
+def _own_config_hooks(merged: dict) -> list:
+    """The ``add_config`` of each :data:`CONFIG_KEY_MODULES` module whose keys ``merged`` sets."""
+    import importlib
+
+    def has(key: str) -> bool:
+        d = merged
+        for part in key.split("."):
+            if not isinstance(d, dict) or part not in d:
+                return False
+            d = d[part]
+        return True
+
+    return [importlib.import_module(m).add_config for m, keys in CONFIG_KEY_MODULES.items()
+            if any(has(k) for k in keys)]
+
+
 def load_detector_config(path: str | os.PathLike, opts: Sequence[str] = ()) -> CfgNode:
     """Load a detectron2 config: defaults, the ``_BASE_`` chain, the file, then ``opts``.
 
@@ -122,7 +147,8 @@ def load_detector_config(path: str | os.PathLike, opts: Sequence[str] = ()) -> C
     """
     merged = _load_yaml_with_base(Path(path))
     cfg = get_cfg()
-    for add_config in config_hooks():  # config keys of plugins' backbones / heads
+    # config keys of vlkd's own parts the config uses, then of plugins' backbones / heads
+    for add_config in _own_config_hooks(merged) + config_hooks():
         add_config(cfg)
     # merge_from_file also upgrades configs written for older detectron2 versions.
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
@@ -233,6 +259,23 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, *,
             + ". Check that config and weights belong together (NUM_CLASSES, depth, widths).")
 
 
+def _names_beside(config, filename: str, count: int, what: str) -> list[str] | None:
+    """The names listed in ``filename`` beside the config (None: no such file)."""
+    path = Path(config).with_name(filename)
+    if not path.is_file():
+        return None
+    try:
+        names = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise DetectorError(f"{path} is not valid JSON ({e}); expected a list of names") \
+            from None
+    if not (isinstance(names, list) and len(names) == count):
+        raise DetectorError(f"{path} should list the model's {count} {what}, found "
+                            f"{len(names) if isinstance(names, list) else names!r}; fix or "
+                            "delete it")
+    return [str(n) for n in names]
+
+
 # ---------------------------------------------------------------------------- preprocessing
 
 @dataclass(frozen=True)
@@ -245,6 +288,10 @@ class Preprocessing:
         input_format: ``"BGR"`` or ``"RGB"``, the channel order the model expects.
         pixel_mean, pixel_std: the model's normalisation (applied on the device, recorded in
             the manifest).
+        resize_rule: how the resized size is computed (``INPUT.RESIZE_RULE``): ``detectron2``
+            (``ResizeShortestEdge``, rounding) or ``maskrcnn_benchmark`` (SGB's
+            ``Resize.get_size``, truncation: :func:`maskrcnn_benchmark_size`); both resize with
+            PIL bilinear.
     """
 
     min_size: int
@@ -252,6 +299,7 @@ class Preprocessing:
     input_format: str
     pixel_mean: tuple[float, ...] = field(default=())
     pixel_std: tuple[float, ...] = field(default=())
+    resize_rule: str = "detectron2"
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> "Preprocessing":
@@ -259,14 +307,20 @@ class Preprocessing:
         if fmt not in ("RGB", "BGR"):
             raise DetectorError(f"INPUT.FORMAT {fmt!r} is not supported; expected RGB or BGR "
                                 "(as detectron2's DefaultPredictor)")
+        rule = cfg.INPUT.get("RESIZE_RULE", "detectron2")
+        if rule not in RESIZE_RULES:
+            raise DetectorError(f"INPUT.RESIZE_RULE {rule!r} is not supported; expected one of "
+                                f"{', '.join(RESIZE_RULES)}")
         return cls(int(cfg.INPUT.MIN_SIZE_TEST), int(cfg.INPUT.MAX_SIZE_TEST), fmt,
                    tuple(float(x) for x in cfg.MODEL.PIXEL_MEAN),
-                   tuple(float(x) for x in cfg.MODEL.PIXEL_STD))
+                   tuple(float(x) for x in cfg.MODEL.PIXEL_STD), rule)
 
     def resized_hw(self, h: int, w: int) -> tuple[int, int]:
         """The network-input (height, width) of an (h, w) image."""
         if self.min_size == 0:
             return h, w
+        if self.resize_rule == "maskrcnn_benchmark":
+            return maskrcnn_benchmark_size(h, w, self.min_size, self.max_size)
         return T.ResizeShortestEdge.get_output_shape(h, w, self.min_size, self.max_size)
 
     def __call__(self, rgb: np.ndarray) -> torch.Tensor:
@@ -274,7 +328,12 @@ class Preprocessing:
         exactly as ``DefaultPredictor`` does (its ``astype(float32)`` happens on the device)."""
         img = rgb if self.input_format == "RGB" else rgb[:, :, ::-1]
         img = np.ascontiguousarray(img)
-        if self.min_size:
+        if self.min_size and self.resize_rule == "maskrcnn_benchmark":
+            h, w = img.shape[:2]
+            nh, nw = self.resized_hw(h, w)
+            if (nh, nw) != (h, w):  # torchvision's F.resize of a PIL image: PIL bilinear
+                img = T.ResizeTransform(h, w, nh, nw, Image.BILINEAR).apply_image(img)
+        elif self.min_size:
             img = T.ResizeShortestEdge(self.min_size, self.max_size).get_transform(img) \
                 .apply_image(img)
         return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
@@ -282,8 +341,32 @@ class Preprocessing:
     def manifest_info(self) -> dict:
         d = asdict(self)
         d["pixel_mean"], d["pixel_std"] = list(self.pixel_mean), list(self.pixel_std)
-        d["resize"] = "ResizeShortestEdge (PIL bilinear), as detectron2 DefaultPredictor"
+        if self.resize_rule == "maskrcnn_benchmark":
+            d["resize"] = ("maskrcnn-benchmark Resize.get_size (PIL bilinear), as "
+                           "scene_graph_benchmark's test transforms")
+        else:  # the manifests of detectron2 models keep the entry they always had
+            del d["resize_rule"]
+            d["resize"] = "ResizeShortestEdge (PIL bilinear), as detectron2 DefaultPredictor"
         return d
+
+
+def maskrcnn_benchmark_size(h: int, w: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """The (height, width) maskrcnn-benchmark resizes an (h, w) image to at test time.
+
+    ``Resize.get_size`` of ``maskrcnn_benchmark/data/transforms/transforms.py`` (SGB): the short
+    side becomes ``min_size`` unless the long side would exceed ``max_size``, in which case the
+    short side is ``round(max_size * short / long)``; the long side is then truncated
+    (``int(size * long / short)``), where detectron2's ``ResizeShortestEdge`` rounds.
+    """
+    size = min_size
+    lo, hi = float(min(w, h)), float(max(w, h))
+    if max_size is not None and hi / lo * size > max_size:
+        size = int(round(max_size * lo / hi))
+    if (w <= h and w == size) or (h <= w and h == size):
+        return h, w
+    if w < h:
+        return int(size * h / w), size
+    return size, int(size * w / h)
 
 
 # --------------------------------------------------------------------------- box selection
@@ -357,6 +440,63 @@ def select_boxes(pred_boxes: torch.Tensor, probs: torch.Tensor, image_hw: tuple[
     return Detections(flat_boxes[keep], flat_scores[keep], flat_classes[keep])
 
 
+#: SGB's per-class NMS IoU in ``filter_results_peter`` (hard-coded there).
+VINVL_NMS_IOU = 0.3
+
+
+def select_boxes_vinvl(proposal_boxes: torch.Tensor, probs: torch.Tensor,
+                       image_hw: tuple[int, int], sel: BoxSelection) -> Detections:
+    """VinVL's released-feature rule: one region per proposal, its unregressed box, its best class.
+
+    scene_graph_benchmark's ``PostProcessor.filter_results_peter`` with
+    ``TEST.IGNORE_BOX_REGRESSION True`` (``maskrcnn_benchmark/modeling/roi_heads/box_head/
+    inference.py``; VinVL's feature extraction runs it with ``MODEL.ROI_HEADS.NMS_FILTER 1``):
+
+    1. every class's boxes are the proposals, clipped to ``(w - 1, h - 1)``
+       (``clip_to_image(remove_empty=False)``);
+    2. for each foreground class, NMS at IoU 0.3 over all proposals by that class's score
+       (``torchvision.ops.nms``, which SGB's ``layers/nms.py`` uses); a proposal keeps the
+       classes it survived for;
+    3. each proposal takes its best surviving class and that score; proposals with none (score
+       0) go;
+    4. sorted by score: those scoring at least ``sel.score_thresh``, but at least
+       ``sel.min_boxes`` (the best of all) and at most ``sel.max_boxes``.
+
+    Args:
+        proposal_boxes: (R, 4) the RPN's proposals in the resized frame.
+        probs: (R, K+1) class probabilities, background last.
+        image_hw: resized image (height, width).
+        sel: ``score_thresh``, ``min_boxes``, ``max_boxes`` (the NMS IoU is SGB's 0.3).
+
+    Returns:
+        The selected regions, best first; no proposal appears twice.
+    """
+    from torchvision.ops import nms
+
+    from .vinvl import clip_legacy
+
+    K = probs.shape[1] - 1
+    boxes = clip_legacy(proposal_boxes.float(), image_hw)
+    scores = probs[:, :K].float()
+    mask = torch.zeros_like(scores)
+    for j in range(K):
+        mask[nms(boxes, scores[:, j], VINVL_NMS_IOU), j] = 1
+    # SGB's layout, background column first (always 0), so that ties pick as its max(1) does.
+    dists = torch.cat([torch.zeros_like(scores[:, :1]), mask * scores], dim=1)
+    best, labels = dists.max(dim=1)
+    keep = torch.nonzero(best).squeeze(1)
+    best, labels, boxes = best[keep], labels[keep] - 1, boxes[keep]
+    _, order = torch.sort(best, dim=0, descending=True)
+    n = int((best >= sel.score_thresh).sum())
+    if n < sel.min_boxes:
+        order = order[:sel.min_boxes]
+    elif n > sel.max_boxes:
+        order = order[:sel.max_boxes]
+    else:
+        order = order[:n]
+    return Detections(boxes[order], best[order], labels[order])
+
+
 # --------------------------------------------------------------------------------- detector
 
 PRECISIONS = dict(zip(PRECISION_NAMES, (None, torch.float16, torch.bfloat16)))
@@ -398,6 +538,8 @@ class Detector:
         self.precision = precision
         self.device = torch.device(cfg.MODEL.DEVICE)
         self.class_names = self._class_names(cfg)
+        #: names of the attribute head's A attributes (empty: no attribute head)
+        self.attribute_names = [f"attribute_{i}" for i in range(self.pooler.num_attributes)]
         # teacher-features pools over given boxes and never runs the RPN, so it passes False.
         if require_proposal_generator and model.proposal_generator is None:
             raise DetectorError("the model has no proposal generator (MODEL.PROPOSAL_GENERATOR"
@@ -457,20 +599,14 @@ class Detector:
                   require_proposal_generator=require_proposal_generator)
         # Class names: the registered dataset's metadata exists only in the process that
         # trained; `vlkd-extract train-detector` writes them next to its config.yaml.
-        names_file = Path(config).with_name(CLASS_NAMES_FILE)
-        if names_file.is_file():
-            try:
-                names = json.loads(names_file.read_text(encoding="utf-8"))
-            except ValueError as e:
-                raise DetectorError(f"{names_file} is not valid JSON ({e}); expected a list of "
-                                    "class names") from None
-            k = int(cfg.MODEL.ROI_HEADS.NUM_CLASSES)
-            if not (isinstance(names, list) and len(names) == k):
-                raise DetectorError(f"{names_file} should list the model's {k} class names "
-                                    f"(MODEL.ROI_HEADS.NUM_CLASSES), found "
-                                    f"{len(names) if isinstance(names, list) else names!r}; "
-                                    "fix or delete it")
-            det.class_names = [str(n) for n in names]
+        names = _names_beside(config, CLASS_NAMES_FILE, int(cfg.MODEL.ROI_HEADS.NUM_CLASSES),
+                              "class names (MODEL.ROI_HEADS.NUM_CLASSES)")
+        if names is not None:
+            det.class_names = names
+        names = _names_beside(config, ATTRIBUTE_NAMES_FILE, len(det.attribute_names),
+                              "attribute names (its attribute head's)")
+        if names is not None:
+            det.attribute_names = names
         return det
 
     @property
@@ -525,11 +661,13 @@ class Detector:
 
     @torch.no_grad()
     def detect(self, image_list: ImageList, features: dict[str, torch.Tensor],
-               sel: BoxSelection) -> list[Detections]:
-        """RPN proposals, box-head predictions on them, then :func:`select_boxes`.
+               sel: BoxSelection, rule: str = "detectron2") -> list[Detections]:
+        """RPN proposals, box-head predictions on them, then :func:`select_boxes` (``rule``
+        ``detectron2``) or :func:`select_boxes_vinvl` (``vinvl``).
 
-        The returned boxes are the *regressed* boxes; features for them must be pooled again
-        (:func:`~vlkd.extract.pooling.pool_box_features`), not taken from the proposals.
+        With ``detectron2`` the returned boxes are the *regressed* boxes; features for them must
+        be pooled again (:func:`~vlkd.extract.pooling.pool_box_features`), not taken from the
+        proposals. With ``vinvl`` they are proposals, unregressed.
         """
         with self.autocast():  # proposals are scored with the same pooling stored features use
             proposals, _ = self.model.proposal_generator(image_list, features, None)
@@ -537,7 +675,10 @@ class Detector:
                                   [p.proposal_boxes.tensor for p in proposals])
             predictions = self.roi_heads.box_predictor(x)
         predictions = tuple(p.float() for p in predictions)
-        pred_boxes = self.roi_heads.box_predictor.predict_boxes(predictions, proposals)
         probs = self.roi_heads.box_predictor.predict_probs(predictions, proposals)
+        if rule == "vinvl":
+            return [select_boxes_vinvl(prop.proposal_boxes.tensor, p, tuple(prop.image_size),
+                                       sel) for p, prop in zip(probs, proposals)]
+        pred_boxes = self.roi_heads.box_predictor.predict_boxes(predictions, proposals)
         return [select_boxes(b, p, tuple(prop.image_size), sel)
                 for b, p, prop in zip(pred_boxes, probs, proposals)]
