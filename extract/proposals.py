@@ -10,6 +10,10 @@ The job runs on the shard-job scaffold (``vlkd.extract.job``): images are batche
 images of the same padded size (``vlkd.extract.batching``), within fixed windows of the shard's
 list; a window is committed as a whole, so a resumed job re-forms exactly the batches an
 uninterrupted one would have. Images that cannot be decoded are listed as failures.
+
+``--box-selection vinvl`` applies VinVL's rule instead (``detector.select_boxes_vinvl``: one
+region per proposal, unregressed); ``--attributes`` also stores each box's attributes from the
+detector's attribute head for the box's class (``vlkd.extract.attributes``).
 """
 from __future__ import annotations
 
@@ -23,12 +27,13 @@ from vlkd.common.regionset import ImageRegions
 from vlkd.common.sharding import resolve_shard_indices, shard_ranges
 from vlkd.data.images import ImageSource, open_image_source
 
+from . import attributes as attrs
 from .batching import WindowBatcher
 from .decoding import DecodedItem
 from .detector import BoxSelection, Detector
 from .job import (NEW_OUT, FailureLimit, ImageJob, ImageShard, check_options, check_set_header,
                   image_regions, refuse, run_job, with_failures)
-from .options import BACKENDS, FEATURE_DTYPES, ProposalsConfig
+from .options import BACKENDS, FEATURE_DTYPES, AttributeOptions, ProposalsConfig
 from .pooling import boxes_to_original, boxes_to_resized, pool_box_features
 from .progress import Progress, format_shards
 
@@ -58,14 +63,20 @@ class ProposalsResult:
 
 @torch.inference_mode()
 def run_batch(det: Detector, items: list[DecodedItem], sel: BoxSelection,
-              feature_dtype: str) -> list[ImageRegions]:
+              feature_dtype: str, rule: str = "detectron2",
+              attributes: AttributeOptions | None = None) -> list[ImageRegions]:
     """Detect on a batch (images of one padded size) and pool features over the final boxes.
+
+    Args:
+        rule: the box selection rule (``--box-selection``).
+        attributes: ``--attributes`` (None: none).
 
     Returns:
         One result per item, in order.
     """
+    attributes = attributes or AttributeOptions()
     image_list, features = det.backbone_features([it.image for it in items])
-    dets = det.detect(image_list, features, sel)
+    dets = det.detect(image_list, features, sel, rule)
     stored, pool_boxes = [], []
     for it, d, rhw in zip(items, dets, image_list.image_sizes):
         rhw = (int(rhw[0]), int(rhw[1]))
@@ -74,23 +85,28 @@ def run_batch(det: Detector, items: list[DecodedItem], sel: BoxSelection,
         pool_boxes.append(boxes_to_resized(b, it.orig_hw, rhw))  # exactly those boxes
     with det.autocast():
         pooled = pool_box_features(det.roi_heads, features, pool_boxes)
+        extras = attrs.attribute_rows(det.pooler, pooled,
+                                      torch.cat([d.classes for d in dets]).to(pooled.device),
+                                      [b.shape[0] for b in stored], attributes)
     tdtype = torch.float16 if feature_dtype == "float16" else torch.float32
     pooled = pooled.float().to(tdtype).cpu().numpy()  # cast on the device: half the copy
     out, r = [], 0
-    for it, d, b in zip(items, dets, stored):
+    for it, d, b, ex in zip(items, dets, stored, extras):
         n = b.shape[0]
         out.append(image_regions(it.image_id, it.orig_hw, b, d.scores.float().cpu().numpy(),
                                  d.classes.cpu().numpy().astype(np.int32), pooled[r:r + n],
-                                 it.digest))
+                                 it.digest, ex))
         r += n
     return out
 
 
 def run_window(det: Detector, items: list[DecodedItem], sel: BoxSelection, batch_size: int,
-               feature_dtype: str) -> list:
+               feature_dtype: str, rule: str = "detectron2",
+               attributes: AttributeOptions | None = None) -> list:
     """All images of one window (the job's computation, for pre-decoded images): results in
     item order, a :class:`~vlkd.extract.job.Failure` for each item that failed to decode."""
-    batcher = WindowBatcher(lambda its, _: run_batch(det, its, sel, feature_dtype),
+    batcher = WindowBatcher(lambda its, _: run_batch(det, its, sel, feature_dtype, rule,
+                                                     attributes),
                             det.padded_hw, batch_size)
     for it in items:
         if it.error is None:
@@ -129,14 +145,20 @@ class ProposalsJob(ImageJob):
         self.source = source
         self.num_shards, self.backend = cfg.num_shards, cfg.backend
         self.ranges = shard_ranges(len(source), cfg.num_shards)
+        self.extras = attrs.attribute_extras(cfg.attributes)
 
     def header(self) -> dict:
         det, cfg = self.det, self.options
+        # box_selection and attributes appear only when used, so sets made without them keep
+        # the options they always had
+        rule = {} if cfg.box_selection == "detectron2" else {"box_selection": cfg.box_selection}
         return {**self.header_base(self.source.manifest_info()),
-                "options": {**asdict(cfg.selection), "precision": cfg.precision,
+                **({attrs.ATTRIBUTE_NAMES_KEY: det.attribute_names} if self.extras else {}),
+                "options": {**asdict(cfg.selection), **rule, "precision": cfg.precision,
                             "max_pixels": cfg.max_pixels,
                             "features": f"pooled over the stored boxes ({det.kind}: "
-                                        f"{det.pooler.description})"}}
+                                        f"{det.pooler.description})",
+                            **attrs.header_options(cfg.attributes)}}
 
     def compare(self, existing: dict, header: dict) -> None:
         """Refuse to add to a set made with other settings."""
@@ -149,6 +171,15 @@ class ProposalsJob(ImageJob):
                          hi["ids_digest"], ei.get("ids_digest"),
                          NEW_OUT + "point --images at the list the set was made from")
         check_options(existing, header, out, error=SetMismatchError)
+        eo = existing.get("options", {})
+        if eo.get("box_selection", "detectron2") != self.options.box_selection:
+            raise refuse(SetMismatchError, out, "with another --box-selection",
+                         self.options.box_selection, eo.get("box_selection", "detectron2"),
+                         NEW_OUT + "re-run with the set's options")
+        diff = attrs.compare_options(existing, header)
+        if diff:
+            raise refuse(SetMismatchError, out, "with other --attributes options", *diff,
+                         NEW_OUT + "re-run with the set's options")
 
     def start_event(self, indices: list[int]) -> tuple[str, dict]:
         det, cfg, src = self.det, self.options, self.source
@@ -162,7 +193,9 @@ class ProposalsJob(ImageJob):
         return _Shard(self, index, self.source.records[a:b])
 
     def run_batch(self, items: list[DecodedItem], payloads: list) -> list[ImageRegions]:
-        return run_batch(self.det, items, self.options.selection, self.feature_dtype)
+        o = self.options
+        return run_batch(self.det, items, o.selection, self.feature_dtype, o.box_selection,
+                         o.attributes)
 
 
 def run_proposals(cfg: ProposalsConfig, progress: Progress | None = None,
@@ -192,6 +225,7 @@ def run_proposals(cfg: ProposalsConfig, progress: Progress | None = None,
     det = detector or Detector.load(cfg.config, cfg.weights, device=cfg.device,
                                     precision=cfg.precision, trust_pickle=cfg.trust_pickle,
                                     opts=cfg.opts)
+    attrs.check_attributes(det.pooler, cfg.attributes)
     job = ProposalsJob(det, source, cfg)
     runs = run_job(job, indices, progress)
     infos = [r.info for r in runs]

@@ -10,6 +10,8 @@ once, and pools over exactly those boxes (C4: res5 + mean pool; FPN: box pooler 
 ``PrecomputedProposals``: those re-sort, re-regress, threshold and drop boxes, and the tokens
 would no longer be the student's. The teacher's box predictor classifies each pooled feature:
 the stored ``classes``/``scores`` are the teacher-side object tags of the student's boxes.
+With ``--attributes`` the teacher's attribute head also gives each box its attributes for that
+class (``vlkd.extract.attributes``).
 
 Output shard ``i`` is aligned with proposals shard ``i``: the same image ids in the same order,
 the boxes copied bit for bit (their digests compared on the way in and on the finished shard).
@@ -41,12 +43,13 @@ from vlkd.data.images import ImageRecord, open_image_source
 
 from .alignment import (ProposalsShard, read_proposals_manifest, require_complete,
                         verify_proposals_shard)
+from . import attributes as attrs
 from .batching import WindowBatcher
 from .decoding import DecodedItem
 from .detector import Detector
 from .job import (NEW_OUT, ImageJob, ImageShard, check_options, check_set_header,
                   image_regions, refuse, run_job, short)
-from .options import BACKENDS, FEATURE_DTYPES, TeacherConfig
+from .options import BACKENDS, FEATURE_DTYPES, AttributeOptions, TeacherConfig
 from .pooling import boxes_to_resized, classify_box_features, pool_box_features
 from .progress import Progress, format_shards
 
@@ -79,7 +82,8 @@ class TeacherResult:
 
 @torch.inference_mode()
 def teacher_batch(det: Detector, items: list[DecodedItem], boxes: list[np.ndarray],
-                  feature_dtype: str) -> list[ImageRegions]:
+                  feature_dtype: str, attributes: AttributeOptions | None = None
+                  ) -> list[ImageRegions]:
     """Pool the teacher's features over given boxes for a batch of one padded size.
 
     Args:
@@ -87,6 +91,7 @@ def teacher_batch(det: Detector, items: list[DecodedItem], boxes: list[np.ndarra
         items: decoded images (the teacher's preprocessing).
         boxes: per item ``(n_i, 4)`` float32 boxes in original-image pixels.
         feature_dtype: stored dtype of the features.
+        attributes: ``--attributes`` (None: none).
 
     Returns:
         One result per item, in order; row j of an item's features describes its box j.
@@ -99,24 +104,28 @@ def teacher_batch(det: Detector, items: list[DecodedItem], boxes: list[np.ndarra
     with det.autocast():
         pooled = pool_box_features(det.roi_heads, features, resized)   # (sum n_i, D)
         scores, classes = classify_box_features(det.roi_heads, pooled)  # (sum n_i,)
+        extras = attrs.attribute_rows(det.pooler, pooled, classes, [b.shape[0] for b in boxes],
+                                      attributes or AttributeOptions())
     tdtype = torch.float16 if feature_dtype == "float16" else torch.float32
     pooled = pooled.float().to(tdtype).cpu().numpy()
     scores = scores.float().cpu().numpy()
     classes = classes.cpu().numpy().astype(np.int32)
     out, r = [], 0
-    for it, b in zip(items, boxes):
+    for it, b, ex in zip(items, boxes, extras):
         n = b.shape[0]
         out.append(image_regions(it.image_id, it.orig_hw, b, scores[r:r + n],
-                                 classes[r:r + n], pooled[r:r + n], it.digest))
+                                 classes[r:r + n], pooled[r:r + n], it.digest, ex))
         r += n
     return out
 
 
 def teacher_window(det: Detector, items: list[DecodedItem], boxes: list[np.ndarray],
-                   batch_size: int, feature_dtype: str) -> list[ImageRegions]:
+                   batch_size: int, feature_dtype: str,
+                   attributes: AttributeOptions | None = None) -> list[ImageRegions]:
     """All images of one window (the job's computation, for pre-decoded images); results in
     item order."""
-    batcher = WindowBatcher(lambda its, bs: teacher_batch(det, its, bs, feature_dtype),
+    batcher = WindowBatcher(lambda its, bs: teacher_batch(det, its, bs, feature_dtype,
+                                                          attributes),
                             det.padded_hw, batch_size)
     for it, b in zip(items, boxes):
         batcher.add(it, b)
@@ -262,15 +271,18 @@ class TeacherJob(ImageJob):
         self.shards = {s.index: s for s in shards}
         self.records, self.source_info = records, source_info
         self.num_shards, self.backend = int(pm["num_shards"]), backend
+        self.extras = attrs.attribute_extras(cfg.attributes)
 
     def header(self) -> dict:
         det = self.det
         return {**self.header_base(self.source_info),
+                **({attrs.ATTRIBUTE_NAMES_KEY: det.attribute_names} if self.extras else {}),
                 "aligned_to": aligned_to_record(self.pdir, self.pm),
                 "options": {"precision": self.options.precision,
                             "features": f"teacher ({det.kind}: {det.pooler.description}) "
                                         "pooled over the proposals' boxes; classes/scores: the "
-                                        "teacher's box predictor over those features"}}
+                                        "teacher's box predictor over those features",
+                            **attrs.header_options(self.options.attributes)}}
 
     def compare(self, existing: dict, header: dict) -> None:
         """Refuse to add to a set made from other proposals, with another teacher or options."""
@@ -286,6 +298,10 @@ class TeacherJob(ImageJob):
                          detector="teacher")
         check_options(existing, header, out, error=TeacherSetMismatchError,
                       keys=("precision",))
+        diff = attrs.compare_options(existing, header)
+        if diff:
+            raise refuse(TeacherSetMismatchError, out, "with other --attributes options", *diff,
+                         NEW_OUT + "re-run with the set's options")
 
     def refresh(self, manifest: dict, header: dict) -> dict:
         """The proposals set may have finished more shards since the teacher set was started:
@@ -313,7 +329,8 @@ class TeacherJob(ImageJob):
         return _Shard(self, self.shards[index], self.records)
 
     def run_batch(self, items: list[DecodedItem], boxes: list) -> list[ImageRegions]:
-        return teacher_batch(self.det, items, boxes, self.feature_dtype)
+        return teacher_batch(self.det, items, boxes, self.feature_dtype,
+                             self.options.attributes)
 
 
 # -------------------------------------------------------------------------------------- run
@@ -373,6 +390,7 @@ def run_teacher_features(cfg: TeacherConfig, progress: Progress | None = None,
     det = detector or Detector.load(cfg.config, cfg.weights, device=cfg.device,
                                     precision=cfg.precision, trust_pickle=cfg.trust_pickle,
                                     opts=cfg.opts, require_proposal_generator=False)
+    attrs.check_attributes(det.pooler, cfg.attributes)
     job = TeacherJob(det, cfg, pdir, pm, shards, by_id, source.manifest_info(), backend)
     runs = run_job(job, indices, progress)
     infos = [r.info for r in runs]
