@@ -18,9 +18,9 @@ from vlkd import __version__
 from vlkd.common.config import ConfigError, load, option, option_flags, set_option, split_options
 from vlkd.common.preemption import Stopped
 
-from .options import (BACKENDS, FEATURE_DTYPES, LOG_FORMATS, PRECISION_NAMES,
-                      TRAIN_DETECTOR_CONFIG_FILE, ProposalsConfig, TeacherConfig,
-                      TrainDetectorOptions)
+from .options import (BACKENDS, BOX_SELECTION_RULES, FEATURE_DTYPES, LOG_FORMATS,
+                      PRECISION_NAMES, TRAIN_DETECTOR_CONFIG_FILE, ProposalsConfig,
+                      TeacherConfig, TrainDetectorOptions)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -40,6 +40,7 @@ def main(plugins) -> None:
     inspect           summarise a set, draw boxes on an image
     status            which shards are complete, running, partial or missing
     train-detector    train a detectron2 detector on COCO-format data (the demo's)
+    convert-detector  another project's detector (VinVL's) as a detectron2 model
     launch            run a job's shards as local processes (one per GPU, or CPU workers)
     """
 
@@ -106,6 +107,10 @@ def _job_options(schema, first=(), specific=()):
         o("device", "--device"),
         o("precision", "--precision", type=click.Choice(PRECISION_NAMES)),
         *[o(key, flag, **kw) for key, flag, kw in specific],
+        o("attributes.enabled", "--attributes"),
+        o("attributes.top_k", "--attr-top-k", type=click.IntRange(min=1)),
+        o("attributes.score_thresh", "--attr-thresh", type=float),
+        o("attributes.max_per_image", "--attr-max-per-image", type=click.IntRange(min=0)),
         o("feature_dtype", "--feature-dtype", type=click.Choice(FEATURE_DTYPES)),
         o("max_pixels", "--max-pixels", type=click.IntRange(min=1)),
         o("trust_pickle", "--trust-pickle"),
@@ -149,6 +154,7 @@ def _stopped(command: str, e: Exception) -> None:
     ("selection.nms_thresh", "--nms-thresh", dict(type=float)),
     ("selection.min_boxes", "--min-boxes", dict(type=click.IntRange(min=0))),
     ("selection.max_boxes", "--max-boxes", dict(type=click.IntRange(min=0))),
+    ("box_selection", "--box-selection", dict(type=click.Choice(BOX_SELECTION_RULES))),
     ("max_failures", "--max-failures", {})])
 def proposals_cmd(job_config, overrides, **kwargs) -> None:
     """Detect boxes and pool the detector's own features over them (phase one, step one).
@@ -264,6 +270,47 @@ def train_detector_cmd(job_config, overrides, opts, **kwargs) -> None:
         raise click.ClickException(str(e)) from None
     save(cfg, cfg.out, TRAIN_DETECTOR_CONFIG_FILE)
     click.echo(json.dumps(metrics, indent=1))
+
+
+# --------------------------------------------------------------------------- convert-detector
+
+@main.command("convert-detector")
+@click.option("--from", "source", required=True, type=click.Choice(["vinvl"]),
+              help="The source project: vinvl (microsoft/scene_graph_benchmark, "
+              "maskrcnn-benchmark checkpoints such as vinvl_vg_x152c4.pth).")
+@click.option("--config", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="The source project's config (sgg_configs/vgattr/vinvl_x152c4.yaml).")
+@click.option("--weights", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Its checkpoint: SGB's trainer dict or a state dict (.pth).")
+@click.option("--labelmap", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Its labelmap (VG-SGG-dicts-vgoi6-clipped.json).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="New folder for config.yaml, model.safetensors, class_names.json, "
+              "attribute_names.json and conversion.json.")
+@click.option("--trust-pickle", is_flag=True, help="Allow a checkpoint that "
+              "torch.load(weights_only=True) refuses: unpickling runs code from the file.")
+@click.argument("opts", nargs=-1)
+def convert_detector_cmd(source, config, weights, labelmap, out, trust_pickle, opts) -> None:
+    """Convert a detector of another project into a detectron2 model vlkd extracts with.
+
+    OPTS are the source config's overrides, KEY VALUE pairs as on SGB's command line
+    (MODEL.ROI_HEADS.NMS_FILTER 1 TEST.IGNORE_BOX_REGRESSION True). The output folder is what
+    proposals and teacher-features take: --config OUT/config.yaml --weights
+    OUT/model.safetensors. Every key is translated by an explicit table; anything the table
+    does not cover, or that would change the numbers, is refused with the key named. The
+    summary lists the extraction options that reproduce the source's post-processing.
+
+    Exit status: 0 converted; 1 refused (the message says what and why).
+    """
+    quiet_library_warnings()
+    from vlkd.extract.convert_vinvl import ConversionError, convert
+
+    try:
+        report = convert(config, weights, labelmap, out, opts=list(opts),
+                         trust_pickle=trust_pickle)
+    except ConversionError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(report.summary())
 
 
 # ------------------------------------------- validate, inspect, status (extract/inspect.py, ...)
