@@ -527,12 +527,17 @@ class HiddenInfoNCELoss(_HiddenLayerLoss):
     every pair are enqueued, gathered from all DDP ranks (each rank has its own token count),
     overwriting the oldest once K are stored (:class:`~vlkd.train.kd_queue.TokenQueue`, a
     registered buffer: checkpointed with the loss). Every rank must call it in every step.
+    Only ``enqueue_per_step`` rows of a step are enqueued, drawn evenly from the ranks and at
+    random within each (seeded by ``enqueue_seed`` and the queue's enqueue counter, so a resumed
+    run draws the same), so the queue holds the last ~K / ``enqueue_per_step`` steps of every
+    rank rather than the newest K tokens of the last step.
 
     Example config::
 
         hidden: {type: hidden_infonce, weight: 1.0,
                  params: {layer_map: uniform, queue_size: 4096, temperature: 0.07,
-                          teacher_projection: identity, proj_dim: null, pooling: token}}
+                          teacher_projection: identity, proj_dim: null, pooling: token,
+                          enqueue_per_step: 256}}
 
     Args:
         student_dim, teacher_dim: Hidden sizes (from the model configs).
@@ -544,13 +549,18 @@ class HiddenInfoNCELoss(_HiddenLayerLoss):
         queue_size: K.
         temperature: τ.
         pooling: ``token`` or ``mean``.
+        enqueue_per_step: Rows enqueued per training forward over all ranks (capped at K;
+            null: every row). The default 256 makes K = 4096 span the last 16 steps.
+        enqueue_seed: Seed of the enqueue draws; null: ``torch.initial_seed()`` when the loss
+            is built, which ``vlkd-train`` has set to ``train.seed``.
     """
 
     def __init__(self, student_dim: int, teacher_dim: int, num_student_layers: int,
                  num_teacher_layers: int, layer_map: LayerMapSpec = "uniform",
                  include_embeddings: bool = False, proj_dim: int | None = None,
                  teacher_projection: str = "identity", queue_size: int = 4096,
-                 temperature: float = 0.07, pooling: str = "token"):
+                 temperature: float = 0.07, pooling: str = "token",
+                 enqueue_per_step: int | None = 256, enqueue_seed: int | None = None):
         super().__init__()
         self.pairs = resolve_layer_map(layer_map, num_student_layers, num_teacher_layers,
                                        include_embeddings)
@@ -571,7 +581,9 @@ class HiddenInfoNCELoss(_HiddenLayerLoss):
         self.teacher_proj = nn.ModuleList(
             (nn.Identity() if teacher_projection == "identity" else nn.Linear(teacher_dim, d))
             for _ in self.pairs)
-        self.queue = TokenQueue(queue_size, d, num_banks=len(self.pairs))
+        seed = torch.initial_seed() if enqueue_seed is None else int(enqueue_seed)
+        self.queue = TokenQueue(queue_size, d, num_banks=len(self.pairs),
+                                per_step=enqueue_per_step, seed=seed)
 
     def _select(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "token":
