@@ -44,6 +44,7 @@ def collect(out: Path) -> dict:
                 row.update({k: sc.get(k) for k, _ in CAPTION_KEYS})
             else:
                 row["VQA"] = sc.get("accuracy")
+                row["vqa_metric"] = sc.get("vqa_metric")   # which official version scored it
             if sc.get("num_parameters") is not None:
                 row.setdefault("num_parameters", sc["num_parameters"])
             if task == "caption" and sc.get("seconds_per_sample") is not None:
@@ -140,6 +141,11 @@ def write_report(demo) -> Path:
     if prior:
         lines.append(f"| *question-type prior (answers by question type; no image, no model)* | "
                      f"| | | | {prior['accuracy']:.1f} | | |")
+    metrics = sorted({r["vqa_metric"] for r in res["models"].values() if r.get("vqa_metric")})
+    if metrics:
+        lines += ["", f"VQA accuracy: the official metric, version {', '.join(metrics)} "
+                  "(`vqa_metric` in each scores.json; `current` is GT-Vision-Lab/VQA vqaEval.py "
+                  "since a013f00, `legacy` the one before)."]
     kd, base = res["models"]["student-kd"], res["models"]["student-base"]
     if all(isinstance(x.get("CIDEr"), float) for x in (kd, base)):
         lines += ["", f"KD gain on this run: CIDEr {100 * (kd['CIDEr'] - base['CIDEr']):+.1f}, "

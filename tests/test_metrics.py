@@ -26,9 +26,6 @@ def test_normalisation_matches_official_rules():
     ("red", ["red"] * 3 + ["blue"] * 7, 0.9),
     # 2 of 10: (2 * 1/3 + 8 * 2/3) / 10 = 0.6
     ("2", ["2", "2"] + ["3"] * 8, (2 * (1 / 3) + 8 * (2 / 3)) / 10),
-    # the official evaluator only strips punctuation from human answers (VQA v2's are already
-    # normalised), so a human "two" does not match a predicted "2": 1 of 10 -> 0.3
-    ("2", ["2", "two"] + ["3"] * 8, 0.3),
     # 1 of 10: (1 * 0 + 9 * 1/3) / 10 = 0.3
     ("cat", ["cat"] + ["dog"] * 9, 0.3),
     # 0 matches
@@ -36,14 +33,28 @@ def test_normalisation_matches_official_rules():
     # 4 of 10: (4 * 1 + 6 * 1) / 10 = 1.0
     ("no", ["no"] * 4 + ["yes"] * 6, 1.0),
 ])
-def test_question_accuracy_hand_computed(pred, answers, expected):
-    assert vqa_question_accuracy(pred, answers) == pytest.approx(expected)
+@pytest.mark.parametrize("metric", ["current", "legacy"])
+def test_question_accuracy_hand_computed(pred, answers, expected, metric):
+    assert vqa_question_accuracy(pred, answers, metric) == pytest.approx(expected)
 
 
-def test_prediction_is_normalised_before_matching():
-    # "Two" -> "2" and "the cat." -> "cat": both count as matches
-    assert vqa_question_accuracy("Two", ["2"] * 10) == pytest.approx(1.0)
-    assert vqa_question_accuracy("the cat.", ["cat"] * 3 + ["dog"] * 7) == pytest.approx(0.9)
+def test_the_two_versions_normalise_different_sides():
+    # legacy (before a013f00): the human answers only lose punctuation, so a human "two" does
+    # not match a predicted "2": 1 of 10 -> 0.3; current: the split answers are normalised
+    # like the prediction, "two" -> "2": 2 of 10 -> 0.6
+    answers = ["2", "two"] + ["3"] * 8
+    assert vqa_question_accuracy("2", answers, "legacy") == pytest.approx(0.3)
+    assert vqa_question_accuracy("2", answers, "current") == pytest.approx(0.6)
+    # legacy normalises the prediction whatever the answers; current leaves both sides as
+    # they are (stripped) when the humans agree
+    assert vqa_question_accuracy("Two", ["2"] * 10, "legacy") == pytest.approx(1.0)
+    assert vqa_question_accuracy("Two", ["2"] * 10, "current") == 0.0
+    assert vqa_question_accuracy(" two\t", ["two"] * 10, "current") == pytest.approx(1.0)
+    for metric in ("current", "legacy"):
+        assert vqa_question_accuracy("the cat.", ["cat"] * 3 + ["dog"] * 7,
+                                     metric) == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="unknown VQA metric version 'v3'"):
+        vqa_question_accuracy("cat", ["cat"], "v3")
 
 
 def test_vqa_accuracy_mean_in_percent_and_missing_refused():
@@ -52,15 +63,22 @@ def test_vqa_accuracy_mean_in_percent_and_missing_refused():
     r = vqa_accuracy({1: "yes", 2: "cat"}, qs)
     assert r["accuracy"] == pytest.approx(100 * (1.0 + 0.3) / 2)
     assert r["per_answer_type"] == {"other": pytest.approx(30.0), "yes/no": pytest.approx(100.0)}
+    assert r["vqa_metric"] == "current" and "a013f00" in r["vqa_metric_ref"]
+    assert vqa_accuracy({1: "Yes", 2: "cat"}, qs, metric="legacy")["vqa_metric"] == "legacy"
+    assert vqa_accuracy({1: "Yes", 2: "cat"}, qs)["accuracy"] == pytest.approx(15.0)
     with pytest.raises(ValueError, match="missing 1 questions"):
         vqa_accuracy({1: "yes"}, qs)
 
 
 def test_soft_scores_rule():
-    s = soft_scores(["red"] * 2 + ["Red."] + ["blue"] + ["green"] * 6)
+    answers = ["red"] * 2 + ["Red."] + ["blue"] + ["green"] * 6
+    # bottom-up's compute_target: answers as written, get_score 0.3 / 0.6 / 0.9 / 1
+    assert soft_scores(answers) == {"red": 0.6, "Red.": 0.3, "blue": 0.3, "green": 1.0}
+    assert soft_scores(answers, preprocess=True) == {"red": 0.9, "blue": 0.3, "green": 1.0}
+    s = soft_scores(answers, scheme="linear", preprocess=True)
     assert s == {"red": 1.0, "blue": pytest.approx(1 / 3), "green": 1.0}
-    assert soft_scores(["a cat", "cat", "dog", "dog"]) == {"cat": pytest.approx(2 / 3),
-                                                           "dog": pytest.approx(2 / 3)}
+    assert soft_scores(["a cat", "cat", "dog", "dog"], scheme="linear", preprocess=True) == {
+        "cat": pytest.approx(2 / 3), "dog": pytest.approx(2 / 3)}
 
 
 @pytest.mark.slow

@@ -235,7 +235,7 @@ def test_vqa_answers_are_true_of_the_scene(world):
             else:
                 raise AssertionError(f"question outside the grammar: {text!r}")
             assert top == truth, (text, q.answers, scene)
-            assert soft_scores(q.answers)[truth] == 1.0
+            assert soft_scores(q.answers, scheme="linear", preprocess=True)[truth] == 1.0
             kinds[q.answer_type] += 1
     assert set(kinds) == {"number", "yes/no", "other"}
     assert noisy > 20          # some questions have disagreeing humans: soft scores matter

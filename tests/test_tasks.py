@@ -150,10 +150,83 @@ def test_pretrain_swaps_tags_and_labels_matching(tok):
         for k, it in enumerate(items):
             donor = items[(k + 1) % 4]
             swapped = it["swap"] and not np.array_equal(donor["clean_tag_ids"], it["clean_tag_ids"])
-            assert int(b["itm_labels"][k]) == (0 if swapped else 1)
+            # Oscar's labels: 0 = matched, 1 = the tags come from another image
+            assert int(b["itm_labels"][k]) == (1 if swapped else 0)
             src = donor if swapped else it
             m = len(src["tag_ids"])
             assert b["input_ids"][k, ta:ta + m].tolist() == list(src["tag_ids"])
             assert b["mlm_labels"][k, ta:ta + m].tolist() == list(src["tag_labels"])
             swaps += swapped
     assert 0 < swaps < 40
+
+
+def _oscar_vqa_tensorize(tokenizer, text_a: str, text_b: str, max_seq_length: int):
+    """microsoft/Oscar oscar/run_vqa.py VQADataset.tensorize for one example (bert: no token
+    at the end, no left padding, cls/sep segment 0, text b segment 1), transcribed; the model
+    gets no position_ids, so BERT's embeddings use 0..max_seq_length-1."""
+    cls_token, sep_token, pad_token = "[CLS]", "[SEP]", 0
+    sequence_a_segment_id, sequence_b_segment_id = 0, 1
+    cls_token_segment_id, pad_token_segment_id = 0, 0
+
+    def _truncate_seq_pair(tokens_a, tokens_b, max_length):
+        while True:
+            total_length = len(tokens_a) + len(tokens_b)
+            if total_length <= max_length:
+                break
+            if len(tokens_a) > len(tokens_b):
+                tokens_a.pop()
+            else:
+                tokens_b.pop()
+
+    tokens_a = tokenizer.tokenize(text_a)
+    tokens_b = None
+    if text_b:
+        tokens_b = tokenizer.tokenize(text_b)
+        _truncate_seq_pair(tokens_a, tokens_b, max_seq_length - 3)
+    else:
+        if len(tokens_a) > max_seq_length - 2:
+            tokens_a = tokens_a[:(max_seq_length - 2)]
+    tokens = tokens_a + [sep_token]
+    segment_ids = [sequence_a_segment_id] * len(tokens)
+    if tokens_b:
+        tokens += tokens_b + [sep_token]
+        segment_ids += [sequence_b_segment_id] * (len(tokens_b) + 1)
+    tokens = [cls_token] + tokens
+    segment_ids = [cls_token_segment_id] + segment_ids
+    input_ids = tokenizer.convert_tokens_to_ids(tokens)
+    input_mask = [1] * len(input_ids)
+    padding_length = max_seq_length - len(input_ids)
+    input_ids = input_ids + ([pad_token] * padding_length)
+    input_mask = input_mask + ([0] * padding_length)
+    segment_ids = segment_ids + ([pad_token_segment_id] * padding_length)
+    return input_ids, input_mask, segment_ids
+
+
+@pytest.mark.parametrize("max_seq_len", [128, 12, 7])
+def test_vqa_input_is_oscars_sentence_pair(tok, max_seq_len):
+    enc = TextEncoder(tok, CLASSES, max_text_len=6, max_tag_len=3, max_seq_len=max_seq_len)
+    task = VQATask(enc, num_answers=5)
+    assert task.layout == "pair"
+    questions = ["what colour is it", "what colour is the traffic light circle star square",
+                 "is it"]
+    samples = [_sample(q, n=n, seed=10 + k) for k, (q, n) in enumerate(zip(questions, [3, 6, 2]))]
+    s = samples[2]                                  # no tags: Oscar's text_b is ""
+    samples[2] = Sample(s.record, s.regions, None, s.tag_classes[:0], s.rng)
+    items = [task.transform(s) for s in samples]
+    b = task.collate(items)
+    for k, s in enumerate(samples):
+        tags = " ".join(CLASSES[c] for c in s.tag_classes)       # Oscar's text_b: the tags
+        ids, mask, seg = _oscar_vqa_tensorize(tok, s.record.text, tags, max_seq_len)
+        n = sum(mask)
+        assert b["input_ids"][k, :n].tolist() == ids[:n]
+        assert b["token_type_ids"][k, :n].tolist() == seg[:n]
+        assert b["position_ids"][k, :n].tolist() == list(range(n))   # contiguous, from 0
+        assert b["text_mask"][k].tolist() == [True] * n + [False] * (b["input_ids"].shape[1] - n)
+    assert b["input_ids"].shape[1] <= max_seq_len
+    # max_text_len / max_tag_len do not apply to this layout; split keeps them (and the tags at
+    # positions max_text_len + j), for models trained with it
+    split = VQATask(enc, num_answers=5, layout="split").collate(
+        [VQATask(enc, num_answers=5, layout="split").transform(samples[0])])
+    assert split["position_ids"][0].tolist()[-3:] == [6, 7, 8]
+    with pytest.raises(Exception, match="text layouts \\['split'\\]"):
+        CaptionTask(enc, layout="pair")

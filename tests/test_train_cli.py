@@ -123,12 +123,61 @@ def test_vqa_finetune_and_evaluate_official_accuracy(world, tmp_path):
         accs.append(1.0 if p["answer"] == human[0] else 0.6 if p["answer"] == "other" else 0.0)
     assert scores["accuracy"] == pytest.approx(100 * sum(accs) / len(accs))
     assert scores["task"] == "vqa" and scores["num_predictions"] == len(qs)
-    # the resolved config is saved beside the scores, and loads again
+    assert scores["vqa_metric"] == "current" and "a013f00" in scores["vqa_metric_ref"]
+    # Oscar's input layout was recorded and used; the vocabulary is the multiple-choice answers
+    meta = json.loads((run / "final" / "vlkd_train.json").read_text())
+    assert (meta["text_layout"], meta["max_seq_len"]) == ("pair", 128)
+    assert sorted((run / "final" / "answers.txt").read_text().split()) == sorted(
+        {x["multiple_choice_answer"] for x in json.loads(a.read_text())["annotations"]})
+    legacy = tmp_path / "eval-legacy"
+    invoke(["evaluate", "--model", run / "final", "--regions", world["student"],
+            "--vqa-questions", eq, "--vqa-annotations", ea, "-o", legacy, "--vqa-metric",
+            "legacy"])
+    old = json.loads((legacy / "scores.json").read_text())
+    # these answers need no normalisation, so both versions agree on them
+    assert old["vqa_metric"] == "legacy" and old["accuracy"] == pytest.approx(scores["accuracy"])
+    # a model directory written before text layouts existed is evaluated with the old one
+    import shutil
+
     from vlkd.train.config import load_config
+    before = tmp_path / "before"
+    shutil.copytree(run / "final", before)
+    (before / "vlkd_train.json").write_text(json.dumps(
+        {k: v for k, v in meta.items() if k not in ("text_layout", "max_seq_len")}))
+    invoke(["evaluate", "--model", before, "--regions", world["student"],
+            "--vqa-questions", eq, "--vqa-annotations", ea, "-o", tmp_path / "eval-before"])
+    assert load_config(tmp_path / "eval-before" / "config.yaml").data.text_layout == "split"
+    # the resolved config is saved beside the scores, and loads again
     cfg = load_config(out / "config.yaml")
     assert (cfg.task.name, cfg.model.model) == ("vqa", str(run / "final"))
     assert cfg.eval.regions == cfg.data.regions == str(world["student"])
     assert (cfg.eval.vqa_questions, cfg.eval.vqa_annotations) == (str(eq), str(ea))
+
+
+def test_logit_kd_refuses_teachers_with_other_answer_lists(world, tmp_path):
+    q, a = world["vqa"]
+    vqa = ["--task", "vqa", "--vqa-questions", q, "--vqa-annotations", a,
+           "--set", "data.answer_min_count=1"]
+    invoke(["finetune", "--regions", world["teacher"], "--model", "tiny-teacher", *vqa,
+            *cli_args(world, tmp_path / "teacher", steps=2)])
+    teacher = tmp_path / "teacher" / "final"
+    answers = (teacher / "answers.txt").read_text().split("\n")[:-1]
+    swapped = tmp_path / "swapped.txt"
+    swapped.write_text("\n".join([answers[1], answers[0], *answers[2:]]) + "\n")
+
+    def distill(out, *extra):
+        return CliRunner().invoke(main, [str(x) for x in [
+            "distill", "--teacher", teacher, "--student", "tiny", "--student-regions",
+            world["student"], "--teacher-regions", world["teacher"], *vqa,
+            "--set", "losses.logits.weight=1", *cli_args(world, out, *extra, steps=2)]])
+
+    res = distill(tmp_path / "x", "--answer-vocab", swapped)
+    assert res.exit_code == 2, res.output
+    assert (f"index 0 is {answers[1]!r} for the student and {answers[0]!r} for the teacher"
+            in res.output and "answer list" in res.output)
+    res = distill(tmp_path / "y", "--answer-vocab", teacher / "answers.txt")
+    assert res.exit_code == 0, res.output
+    assert "loss/logits" in metrics(tmp_path / "y")[0]
 
 
 def test_pretrain_runs_mlm_and_matching(world, tmp_path):

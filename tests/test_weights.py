@@ -61,8 +61,14 @@ def oscar_state_dict(cfg: dict, head: str, seed: int = 0) -> dict[str, torch.Ten
     if head == "pretrain":
         sd["cls.seq_relationship.weight"] = r(cfg["num_contrast_classes"], h)
         sd["cls.seq_relationship.bias"] = r(cfg["num_contrast_classes"])
-    if head == "vqa":
+    if head == "vqa" and cfg.get("classifier", "linear") == "linear":
         sd["classifier.weight"], sd["classifier.bias"] = r(cfg["num_labels"], h), r(cfg["num_labels"])
+    if head == "vqa" and cfg.get("classifier") == "mlp":
+        # nn.Sequential(Linear(H, H * cls_hidden_scale), ReLU(), Linear(H * scale, num_labels))
+        wide = h * cfg.get("cls_hidden_scale", 2)
+        sd["classifier.0.weight"], sd["classifier.0.bias"] = r(wide, h), r(wide)
+        sd["classifier.2.weight"] = r(cfg["num_labels"], wide)
+        sd["classifier.2.bias"] = r(cfg["num_labels"])
     return sd
 
 
@@ -116,6 +122,71 @@ def test_oscar_vqa_checkpoint_needs_the_linear_head():
     assert {"vqa_head.fc1.weight", "vqa_head.fc2.bias"} <= set(report.missing)
     with pytest.raises(ValueError, match="not a complete match"):
         import_state_dict(mlp, sd, strict=True)
+
+
+def _pooled_and_model(cfg, sd):
+    model = VLModel(cfg).eval()
+    report = import_state_dict(model, sd, strict=True)
+    assert report.unmatched == {} and report.missing == []
+    batch = {"input_ids": torch.tensor([[1, 5, 7, 2], [1, 9, 2, 0]]),
+             "region_features": torch.randn(2, 3, 14), "region_geometry": torch.rand(2, 3, 6)}
+    return model, batch
+
+
+@pytest.mark.parametrize("classifier, scale", [("linear", 2), ("mlp", 2), ("mlp", 3)])
+def test_imported_oscar_vqa_heads_compute_oscars_classifier(classifier, scale):
+    """ImageBertForSequenceClassification: logits = classifier(dropout(pooled_output)), with
+    classifier Linear (linear) or Sequential(Linear, ReLU, Linear) (mlp)."""
+    raw = dict(OSCAR_CONFIG, classifier=classifier, cls_hidden_scale=scale,
+               hidden_dropout_prob=0.3)
+    cfg = config_from_oscar(raw, heads=("vqa",))
+    assert cfg.vqa_head == ("linear" if classifier == "linear" else "oscar_mlp")
+    assert (cfg.vqa_hidden_scale, cfg.hidden_dropout) == (scale, 0.3)
+    sd = oscar_state_dict(raw, "vqa")
+    model, batch = _pooled_and_model(cfg, sd)
+    with torch.no_grad():
+        out = model(batch, task="vqa")
+    p = out.pooled                                  # dropout is the identity in eval mode
+    if classifier == "linear":
+        want = p @ sd["classifier.weight"].T + sd["classifier.bias"]
+    else:
+        hid = torch.relu(p @ sd["classifier.0.weight"].T + sd["classifier.0.bias"])
+        want = hid @ sd["classifier.2.weight"].T + sd["classifier.2.bias"]
+    torch.testing.assert_close(out.vqa_logits, want)
+    assert model.vqa_head.dropout.p == 0.3
+    # the other heads refuse these keys with the reason
+    other = "oscar_mlp" if classifier == "linear" else "linear"
+    report = import_state_dict(VLModel(config_from_oscar(raw, heads=("vqa",), vqa_head=other)),
+                               sd)
+    assert report.unmatched and all(f"--classifier {classifier}" in why
+                                    for why in report.unmatched.values())
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_imported_itm_head_predicts_what_oscar_predicted(classes):
+    """BertImgForPreTraining: seq_relationship_score = cls.seq_relationship(pooled_output),
+    trained with next_sentence_label 0 = matched, 1 = text b (tags) from another image
+    (oscar/datasets/oscar_tsv.py random_sent). vlkd's labels are the same, so the imported
+    head's matched / other-tags probabilities are the source tensors' own."""
+    from vlkd.train.losses import ITMLoss
+    from vlkd.train.model import ITM_MATCHED, ITM_OTHER_TAGS
+
+    raw = dict(OSCAR_CONFIG, num_contrast_classes=classes)
+    sd = oscar_state_dict(raw, "pretrain")
+    model, batch = _pooled_and_model(config_from_oscar(raw, heads=("mlm", "itm")), sd)
+    with torch.no_grad():
+        out = model(batch, task="itm")
+    source = torch.softmax(out.pooled @ sd["cls.seq_relationship.weight"].T
+                           + sd["cls.seq_relationship.bias"], -1)
+    ours = torch.softmax(out.itm_logits, -1)
+    torch.testing.assert_close(ours[:, ITM_MATCHED], source[:, 0])    # Oscar's label 0
+    torch.testing.assert_close(ours[:, ITM_OTHER_TAGS], source[:, 1])  # Oscar's label 1
+    # the training loss on vlkd's labels is Oscar's next-sentence loss on Oscar's labels
+    labels = torch.tensor([ITM_MATCHED, ITM_OTHER_TAGS])
+    oscar_loss = torch.nn.CrossEntropyLoss()(
+        (out.pooled @ sd["cls.seq_relationship.weight"].T + sd["cls.seq_relationship.bias"])
+        .view(-1, classes), torch.tensor([0, 1]).view(-1))
+    torch.testing.assert_close(ITMLoss()(out.itm_logits, labels), oscar_loss)
 
 
 def test_report_lists_unknown_keys_shape_mismatches_and_untied_decoders():

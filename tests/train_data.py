@@ -128,7 +128,7 @@ def write_vqa(qpath: Path, apath: Path, sc: list[dict]) -> tuple[Path, Path]:
             qs.append({"question_id": qid, "image_id": iid, "question": q})
             answers = [a] * 8 + ["other"] * 2
             anns.append({"question_id": qid, "image_id": iid, "answer_type": "other",
-                         "question_type": "what",
+                         "question_type": "what", "multiple_choice_answer": a,
                          "answers": [{"answer": x, "answer_id": m + 1} for m, x in enumerate(answers)]})
     qpath.write_text(json.dumps({"questions": qs}))
     apath.write_text(json.dumps({"annotations": anns}))

@@ -6,8 +6,9 @@ A trained model directory holds everything ``evaluate`` and ``distill --teacher`
     config.json, model.safetensors     the model (VLModel.save_pretrained)
     vocab.txt, tokenizer*.json         its tokenizer
     answers.txt                        VQA answer vocabulary (vqa models)
-    vlkd_train.json                    task and input layout: max_text_len, max_tag_len,
-                                       max_regions, unique_tags, tag class names, tokenizer digest
+    vlkd_train.json                    task and input layout: text_layout, max_text_len,
+                                       max_tag_len, max_seq_len, max_regions, unique_tags, tag
+                                       class names, tokenizer digest
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from vlkd.common.regionset import RegionSet
-from vlkd.data.vqa import build_answer_vocab, load_vqa
+from vlkd.data.captions import AnnotationError
+from vlkd.data.vqa import build_answer_vocab, load_answer_vocab, multiple_choice_answers
 
 from .config import ConfigError, ModelSpec, RunConfig, resolved_losses
 from .model import VLConfig, VLModel
@@ -64,22 +66,30 @@ def resolve_tokenizer(cfg: RunConfig, model_dir: str = ""):
 
 
 def load_answers(cfg: RunConfig, model_dir: str = "") -> list[str]:
-    """The VQA answer vocabulary: ``data.answer_vocab``, the model directory's answers.txt, or
-    built from the training answers (normalised, at least ``data.answer_min_count`` times)."""
+    """The VQA answer vocabulary, by classifier index: ``data.answer_vocab`` (one answer per
+    line, or Oscar's ``trainval_ans2label.pkl`` / ``trainval_label2ans.pkl``), the model
+    directory's answers.txt, or built as bottom-up-attention-vqa's ``filter_answers`` does from
+    the multiple-choice answers of ``data.answer_vocab_annotations`` (default: the training and
+    the evaluation annotations: train + val)."""
     for cand in (cfg.data.answer_vocab, str(Path(model_dir) / ANSWERS_NAME) if model_dir else ""):
         if cand and Path(cand).is_file():
-            answers = [a for a in Path(cand).read_text(encoding="utf-8").split("\n") if a]
-            if not answers:
-                raise ConfigError(f"answer vocabulary {cand} is empty")
-            return answers
+            try:
+                return load_answer_vocab(cand)
+            except AnnotationError as e:
+                raise ConfigError(str(e)) from None
     if cfg.data.answer_vocab:
         raise ConfigError(f"data.answer_vocab {cfg.data.answer_vocab} does not exist")
-    if not (cfg.data.vqa_questions and cfg.data.vqa_annotations):
+    sources = list(cfg.data.answer_vocab_annotations) or [
+        p for p in (cfg.data.vqa_annotations, cfg.eval.vqa_annotations) if p]
+    if not sources:
         raise ConfigError("the vqa task needs an answer vocabulary: data.answer_vocab, a model "
-                          "directory with answers.txt, or training questions and annotations "
-                          "(--vqa-questions, --vqa-annotations) to build it from")
-    qs = load_vqa(cfg.data.vqa_questions, cfg.data.vqa_annotations)
-    return build_answer_vocab(qs, cfg.data.answer_min_count)
+                          "directory with answers.txt, or VQA annotations (--vqa-annotations, "
+                          "data.answer_vocab_annotations) to build it from")
+    answers = build_answer_vocab(multiple_choice_answers(dict.fromkeys(sources)),
+                                 cfg.data.answer_min_count)
+    log.info("answer vocabulary: %d answers that are the multiple-choice answer of >= %d "
+             "questions of %s", len(answers), cfg.data.answer_min_count, ", ".join(sources))
+    return answers
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,6 +114,11 @@ _SHAPE_FREE = {"hidden_dropout", "attention_dropout", "layer_norm_eps", "region_
                "initializer_range"}
 
 
+def _same(saved: Any, given: Any) -> bool:
+    return (list(saved) == list(given) if isinstance(saved, (list, tuple))
+            and isinstance(given, (list, tuple)) else saved == given)
+
+
 def load_model_dir(path: str | Path, overrides: dict | None = None) -> VLModel:
     """A model from a directory: vlkd (``save_pretrained``), Oscar/VinVL or Hugging Face BERT."""
     from . import weights
@@ -112,10 +127,14 @@ def load_model_dir(path: str | Path, overrides: dict | None = None) -> VLModel:
     raw = json.loads((path / "config.json").read_text())
     overrides = dict(overrides or {})
     if raw.get("model_type") == "vlkd-vl":
-        bad = sorted(set(overrides) - _SHAPE_FREE)
+        # a key that restates the model's own value changes nothing (a shared config file may
+        # name the VQA head for new models and trained ones alike)
+        bad = sorted(k for k, v in overrides.items()
+                     if k not in _SHAPE_FREE and not (k in raw and _same(raw[k], v)))
         if bad:
-            raise ConfigError(f"model.config {bad} cannot change a trained model's shapes ({path}); "
-                              f"only {sorted(_SHAPE_FREE)} may be overridden")
+            raise ConfigError(f"model.config {bad} cannot change a trained model's shapes ({path}: "
+                              + ", ".join(f"{k}={raw.get(k)!r}" for k in bad)
+                              + f"); only {sorted(_SHAPE_FREE)} may be overridden")
         return VLModel.from_pretrained(path, **overrides)
     if "img_feature_dim" in raw:  # Oscar / VinVL
         model = VLModel(weights.config_from_oscar(raw, **overrides))
@@ -205,7 +224,8 @@ def save_model_dir(model: VLModel, directory: Path, tokenizer, meta: dict,
 
 def make_encoder(cfg: RunConfig, tokenizer, class_names: list[str]) -> TextEncoder:
     d = cfg.data
-    return TextEncoder(tokenizer, class_names, d.max_text_len, d.max_tag_len, d.unique_tags)
+    return TextEncoder(tokenizer, class_names, d.max_text_len, d.max_tag_len, d.unique_tags,
+                       d.max_seq_len)
 
 
 def make_stream(cfg: RunConfig, records: list[Record], task: Task, *, regions: str,
@@ -219,8 +239,14 @@ def make_stream(cfg: RunConfig, records: list[Record], task: Task, *, regions: s
                         num_workers=d.num_workers, rank=rank, world_size=world_size)
 
 
-def build_combiner(cfg: RunConfig, student: VLModel, teacher: VLModel | None):
-    """The loss terms of the run (defaults for the task and command, merged with ``losses``)."""
+def build_combiner(cfg: RunConfig, student: VLModel, teacher: VLModel | None, *,
+                   tokenizer=None, answers: list[str] | None = None):
+    """The loss terms of the run (defaults for the task and command, merged with ``losses``).
+
+    With a teacher, every ``logit_kd`` term in use is checked against the label lists of both
+    models (:meth:`~vlkd.train.losses.LogitKDLoss.check_labels`): the run's ``tokenizer`` and
+    ``answers`` against the teacher directory's (``distill.teacher``).
+    """
     from .losses import LossCombiner
 
     terms = resolved_losses(cfg, distill=teacher is not None)
@@ -230,7 +256,40 @@ def build_combiner(cfg: RunConfig, student: VLModel, teacher: VLModel | None):
         need = [n for n, m in combiner.terms.items() if m.needs_teacher and combiner.weights[n]]
         raise ConfigError(f"loss terms {need} need a teacher; use `vlkd-train distill` or set "
                           f"their weight to 0")
+    kd = [m for n, m in combiner.terms.items()
+          if m.registry_name == "logit_kd" and combiner.weights[n]]
+    if teacher is not None and kd:
+        mine = label_lists(tokenizer, answers)
+        theirs = model_dir_label_lists(cfg.distill.teacher)
+        for loss in kd:
+            try:
+                loss.check_labels(mine, theirs)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            if loss.head == "mlm" and student.config.vocab_size != teacher.config.vocab_size:
+                raise ConfigError(f"logit_kd (head mlm): the student has "
+                                  f"{student.config.vocab_size} token logits and the teacher "
+                                  f"{teacher.config.vocab_size}; they need the same vocabulary")
     return combiner
+
+
+def label_lists(tokenizer, answers: list[str] | None) -> dict[str, list[str] | None]:
+    """What a model's logits are over, per head: ``mlm`` the tokens by id, ``vqa`` the answers."""
+    tokens = None
+    if tokenizer is not None:
+        tokens = [t for t, _ in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])]
+    return {"mlm": tokens, "vqa": list(answers) if answers is not None else None}
+
+
+def model_dir_label_lists(model_dir: str | Path) -> dict[str, list[str] | None]:
+    """:func:`label_lists` of a model directory (its tokenizer and answers.txt; None for what
+    it lacks)."""
+    d = Path(model_dir)
+    tokenizer = None
+    if (d / "vocab.txt").is_file() or (d / "tokenizer.json").is_file():
+        tokenizer = load_tokenizer(d)
+    answers = load_answer_vocab(d / ANSWERS_NAME) if (d / ANSWERS_NAME).is_file() else None
+    return label_lists(tokenizer, answers)
 
 
 @dataclass
@@ -250,10 +309,11 @@ def run_meta(cfg: RunConfig, tokenizer, class_names: list[str]) -> dict:
     from vlkd import __version__
 
     d = cfg.data
-    return {"task": cfg.task.name, "max_text_len": d.max_text_len, "max_tag_len": d.max_tag_len,
-            "max_regions": d.max_regions, "unique_tags": d.unique_tags,
-            "class_names": class_names, "tokenizer_digest": vocab_digest(tokenizer),
-            "tool_version": __version__}
+    return {"task": cfg.task.name, "text_layout": TASKS.get(cfg.task.name).layout_for(cfg),
+            "max_text_len": d.max_text_len, "max_tag_len": d.max_tag_len,
+            "max_seq_len": d.max_seq_len, "max_regions": d.max_regions,
+            "unique_tags": d.unique_tags, "class_names": class_names,
+            "tokenizer_digest": vocab_digest(tokenizer), "tool_version": __version__}
 
 
 def tag_class_names(regions: str, tag_regions: str = "") -> list[str]:

@@ -17,6 +17,7 @@ import click
 
 from vlkd import __version__
 from vlkd.common.config import option, option_flags, save, set_option, split_options
+from vlkd.data.vqa import VQA_METRICS
 
 from .config import RunConfig
 
@@ -87,6 +88,7 @@ _COMMON_OPTIONS = [
     _key("data.vqa_questions", "--vqa-questions"),
     _key("data.vqa_annotations", "--vqa-annotations"),
     _key("data.answer_vocab", "--answer-vocab"),
+    _key("eval.vqa_metric", "--vqa-metric", type=click.Choice(list(VQA_METRICS))),
     _key("data.pairs", "--pairs"),
     _key("data.tokenizer", "--tokenizer"),
     _key("data.tag_regions", "--tag-regions"),
@@ -168,7 +170,8 @@ def _train(command: str, cfg, resume: str | None) -> None:
         if distill:
             teacher = build.load_model_dir(cfg.distill.teacher)
             _check_teacher(cfg, teacher, tokenizer, model)
-        combiner = build.build_combiner(cfg, model, teacher)
+        combiner = build.build_combiner(cfg, model, teacher, tokenizer=tokenizer,
+                                        answers=answers)
         module = TrainModule(model, combiner, spec.name, task.seq2seq())
         meta = build.run_meta(cfg, tokenizer, class_names)
         inputs = RunInputs(tokenizer, encoder, task, answers, class_names, meta)
@@ -216,6 +219,7 @@ def _check_teacher(cfg, teacher, tokenizer, student) -> None:
 
     from .build import read_meta
     from .config import ConfigError
+    from .tasks import TASKS
     from .tokenizer import vocab_digest
 
     tset = RegionSet(cfg.data.teacher_regions)
@@ -230,10 +234,13 @@ def _check_teacher(cfg, teacher, tokenizer, student) -> None:
                           "must read the same token ids: pass the teacher's directory as "
                           "--tokenizer")
     d = cfg.data
-    for key in ("max_text_len", "max_tag_len", "max_regions", "unique_tags"):
-        if key in meta and meta[key] != getattr(d, key):
+    ours = {k: getattr(d, k) for k in ("max_text_len", "max_tag_len", "max_seq_len",
+                                       "max_regions", "unique_tags")}
+    ours["text_layout"] = TASKS.get(cfg.task.name).layout_for(cfg)
+    for key, value in ours.items():
+        if key in meta and meta[key] != value:
             log.warning("teacher was trained with data.%s=%s, this run uses %s", key, meta[key],
-                        getattr(d, key))
+                        value)
     if teacher.config.vocab_size != student.config.vocab_size:
         log.warning("teacher has %d token embeddings, student %d: logit KD over tokens is "
                     "impossible", teacher.config.vocab_size, student.config.vocab_size)
@@ -381,6 +388,7 @@ def _run_guarded(command: str, cfg, resume) -> None:
 @click.option("--greedy", is_flag=True, help="Greedy decoding (beam size 1).")
 @_key("eval.max_len", "--max-len")
 @_key("eval.batch_size", "--batch-size")
+@_key("eval.vqa_metric", "--vqa-metric", type=click.Choice(list(VQA_METRICS)))
 @_config_option
 @set_option()
 def evaluate(greedy, output_dir, config_path, overrides, **options):
@@ -413,8 +421,11 @@ def _evaluate(greedy, output_dir, config_path, overrides, options):
                          f"directory {model_dir} records task {meta.get('task')!r})")
     spec = TASKS.get(task)
     # The model's input layout wins over the file and options; --set still wins over it.
-    layout = {f"data.{k}": meta[k] for k in ("max_text_len", "max_tag_len", "max_regions",
-                                             "unique_tags") if k in meta}
+    layout = {f"data.{k}": meta[k] for k in ("text_layout", "max_text_len", "max_tag_len",
+                                             "max_seq_len", "max_regions", "unique_tags")
+              if k in meta}
+    if meta and "text_layout" not in meta:  # written before layouts existed: all were split
+        layout["data.text_layout"] = "split"
     cfg = _resolve_config(config_path, {**options, "task.name": task, "data.regions": regions,
                                         **layout}, overrides)
     if greedy:
@@ -462,6 +473,9 @@ def _evaluate(greedy, output_dir, config_path, overrides, options):
             for k, v in scores.items():
                 if isinstance(v, float):
                     click.echo(f"{k:>10s}: {v:.4f}")
+            if "vqa_metric" in scores:
+                click.echo(f"{'vqa_metric':>10s}: {scores['vqa_metric']} "
+                           f"({scores['vqa_metric_ref']})")
             for note in scores.get("notes", []):
                 click.echo(f"note: {note}")
             click.echo(f"predictions: {pred_path}\nscores: {out / 'scores.json'}")

@@ -72,15 +72,33 @@ class DataConfig:
         split: Karpathy split to train on (``train`` includes ``restval``); empty for COCO files.
         vqa_questions: VQA v2 questions JSON (vqa task).
         vqa_annotations: VQA v2 annotations JSON (vqa task).
-        answer_vocab: Answer vocabulary file, one answer per line. Default: the model
-            directory's ``answers.txt``, else built from the training answers.
-        answer_min_count: Minimum count of an answer in the training answers to enter a built
-            vocabulary.
+        answer_vocab: Answer vocabulary: one answer per line, or Oscar's / bottom-up's
+            ``trainval_ans2label.pkl`` (Oscar's classifier order) or ``trainval_label2ans.pkl``
+            (read with a restricted unpickler). Default: the model directory's
+            ``answers.txt``, else built from ``answer_vocab_annotations``.
+        answer_vocab_annotations: VQA annotation files whose ``multiple_choice_answer`` build
+            the vocabulary (bottom-up-attention-vqa's ``filter_answers``). Default:
+            ``data.vqa_annotations`` plus ``eval.vqa_annotations`` when set (train + val, as
+            bottom-up's ``trainval`` list).
+        answer_min_count: A built vocabulary keeps the (preprocessed) multiple-choice answers
+            of at least this many questions (bottom-up: 9 over VQA v2 train + val, 3,129).
+        soft_score: VQA targets: ``butd`` (0, 0.3, 0.6, 0.9, 1 for 0, 1, 2, 3, >= 4 humans:
+            bottom-up-attention-vqa's ``get_score``, Oscar's data) or ``linear`` (min(n/3, 1)).
+        target_answers: Which form of the human answers the targets count: ``raw`` (as
+            written in the annotations, as bottom-up's ``compute_target`` counts them) or
+            ``preprocessed`` (``preprocess_answer`` first, so "two" counts for "2").
         pairs: (image id, caption) pairs for the pretrain task (TSV or JSON).
         tokenizer: Directory with a BERT WordPiece ``vocab.txt``. Default: the model
             directory's tokenizer.
-        max_text_len: Caption / question tokens, [CLS] and [SEP] included.
-        max_tag_len: Tag tokens, the closing [SEP] included.
+        max_text_len: Caption tokens, [CLS] and [SEP] included (``split`` layout).
+        max_tag_len: Tag tokens, the closing [SEP] included (``split`` layout).
+        max_seq_len: ``pair`` layout: ``[CLS] question [SEP] tags [SEP]`` tokens at most; the
+            longer of question and tags loses its last token until they fit (Oscar
+            ``run_vqa.py`` ``max_seq_length`` 128 and ``_truncate_seq_pair``).
+        text_layout: ``auto`` (the task's: ``pair`` for vqa, ``split`` for caption and
+            pretrain), ``pair`` (Oscar's VQA input: text then tags at contiguous positions,
+            limited jointly by ``max_seq_len``) or ``split`` (text padded to ``max_text_len``
+            positions, tags at positions ``max_text_len + j``: Oscar's captioning input).
         max_regions: Regions per image (the first ones, in stored order).
         unique_tags: One tag per distinct class instead of one per box.
         batch_size: Samples per batch and process.
@@ -97,11 +115,16 @@ class DataConfig:
     vqa_questions: str = ""
     vqa_annotations: str = ""
     answer_vocab: str = ""
+    answer_vocab_annotations: list = field(default_factory=list)
     answer_min_count: int = 9
+    soft_score: str = "butd"
+    target_answers: str = "raw"
     pairs: str = ""
     tokenizer: str = ""
     max_text_len: int = 40
     max_tag_len: int = 30
+    max_seq_len: int = 128
+    text_layout: str = "auto"
     max_regions: int = 50
     unique_tags: bool = False
     batch_size: int = 32
@@ -122,7 +145,7 @@ class TaskConfig:
         max_masked: At most this many masked text tokens per sample (Oscar: 3).
         tag_mask_prob: pretrain: fraction of tag tokens masked.
         tag_swap_prob: pretrain: probability that a sample's tags are replaced by another
-            sample's (image-text matching label 0).
+            sample's (image-text matching label 1; matched pairs are 0, as Oscar's).
         label_smoothing: Masked-token cross-entropy label smoothing.
     """
 
@@ -229,6 +252,9 @@ class EvalConfig:
         metric: The score that picks the best checkpoint (default: ``CIDEr`` for captions,
             ``accuracy`` for VQA).
         spice: ``auto`` (when its Java models are present), ``true`` or ``false``.
+        vqa_metric: Version of the official VQA accuracy: ``current`` (GT-Vision-Lab/VQA
+            ``vqaEval.py`` since a013f00, 2021-03-11) or ``legacy`` (before it, as papers
+            scored before 2021); scores.json names the one used.
     """
 
     regions: str = ""
@@ -242,6 +268,7 @@ class EvalConfig:
     max_samples: int = 0
     metric: str = ""
     spice: str = "auto"
+    vqa_metric: str = "current"
 
 
 @dataclass

@@ -59,12 +59,23 @@ __all__ = [
     "caption_attention_mask",
     "prediction_positions",
     "IGNORE_INDEX",
+    "VQA_HEADS",
+    "ITM_MATCHED",
+    "ITM_OTHER_TAGS",
     "HEAD_TASKS",
     "task_heads",
 ]
 
 #: Label value meaning "no prediction here" (as torch's cross-entropy default).
 IGNORE_INDEX = -100
+
+#: ``VLConfig.vqa_head`` values (see :class:`VQAHead`).
+VQA_HEADS = ("mlp", "linear", "oscar_mlp")
+
+#: Image-text matching label of a matched pair, and of tags from another image (Oscar's
+#: ``BertImgForPreTraining`` labels, microsoft/Oscar ``oscar/datasets/oscar_tsv.py``
+#: ``random_sent``: 0 = matched, 1 = text b replaced, 2 = text a replaced).
+ITM_MATCHED, ITM_OTHER_TAGS = 0, 1
 
 #: ``task`` values of the forward that run one head (or none) by its name. A registered task
 #: (:data:`vlkd.train.tasks.TASKS`: ``caption``, ``vqa``, ``pretrain``) names its own heads.
@@ -117,9 +128,18 @@ class VLConfig:
         region_layer_norm: LayerNorm after the region projection (Oscar's
             ``use_img_layernorm``).
         num_answers: VQA answer vocabulary size (VQA v2: 3129).
-        vqa_head: ``"mlp"`` (Linear → GELU → LayerNorm → Linear, the default) or
-            ``"linear"`` (Oscar's ``--classifier linear``, imports Oscar VQA checkpoints).
+        vqa_head: The VQA classifier on the pooled [CLS] (:data:`VQA_HEADS`): ``mlp``
+            (Linear(H, sH) → GELU → LayerNorm → Linear(sH, A), no dropout: LXMERT's answer
+            head; the default, which every model carries and initialises from the seeded RNG,
+            so changing it would move every run), ``linear`` (dropout → Linear: Oscar's
+            ``--classifier linear``, its VQA recipe, what configs/train/*.yaml use) or
+            ``oscar_mlp`` (dropout → Linear(H, sH) → ReLU → Linear(sH, A): Oscar's
+            ``--classifier mlp``). The dropout is ``hidden_dropout``, as Oscar's (its VQA
+            recipe sets both with ``--drop_out 0.3``).
+        vqa_hidden_scale: s of the two MLP heads (Oscar's ``cls_hidden_scale``, default 2).
         num_itm_classes: Image-text matching classes (Oscar: ``num_contrast_classes``, 2 or 3).
+            Labels are Oscar's: 0 = the text and tags belong to the image, 1 = the tags (text
+            b) come from another image, 2 (3 classes) = the caption (text a) does.
         heads: Which heads to build; leaving out unused ones keeps DDP free of unused
             parameters.
     """
@@ -143,6 +163,7 @@ class VLConfig:
     region_layer_norm_eps: float = 1e-12
     num_answers: int = 3129
     vqa_head: str = "mlp"
+    vqa_hidden_scale: int = 2
     num_itm_classes: int = 2
     heads: tuple[str, ...] = ("mlm", "vqa", "itm")
 
@@ -154,8 +175,11 @@ class VLConfig:
                 f"{self.num_heads}; pick a head count that divides it")
         if self.geometry_dim not in (0, 4, 6, 7):
             raise ValueError(f"VLConfig: geometry_dim must be 0, 4, 6 or 7, got {self.geometry_dim}")
-        if self.vqa_head not in ("mlp", "linear"):
-            raise ValueError(f"VLConfig: vqa_head must be 'mlp' or 'linear', got {self.vqa_head!r}")
+        if self.vqa_head not in VQA_HEADS:
+            raise ValueError(f"VLConfig: vqa_head must be one of {list(VQA_HEADS)}, got "
+                             f"{self.vqa_head!r}")
+        if self.vqa_hidden_scale < 1:
+            raise ValueError(f"VLConfig: vqa_hidden_scale must be >= 1, got {self.vqa_hidden_scale}")
         unknown = set(self.heads) - {"mlm", "vqa", "itm"}
         if unknown:
             raise ValueError(f"VLConfig: unknown heads {sorted(unknown)}; choose from mlm, vqa, itm")
@@ -359,17 +383,29 @@ class MaskedTokenHead(nn.Module):
 
 
 class VQAHead(nn.Module):
-    """VQA classifier on the pooled [CLS]: ``mlp`` = Linear(H, 2H) → GELU → LayerNorm →
-    Linear(2H, A); ``linear`` = dropout → Linear(H, A) (Oscar's ``classifier``)."""
+    """VQA classifier on the pooled [CLS] (``config.vqa_head``; A answers, s =
+    ``vqa_hidden_scale``):
+
+    * ``linear``: dropout → Linear(H, A) (``fc``): Oscar's ``--classifier linear``
+      (``ImageBertForSequenceClassification``: ``self.dropout`` then ``self.classifier``);
+    * ``oscar_mlp``: dropout → Linear(H, sH) → ReLU → Linear(sH, A) (``classifier.0`` /
+      ``classifier.2``, Oscar's names): Oscar's ``--classifier mlp``;
+    * ``mlp``: Linear(H, sH) → GELU → LayerNorm → Linear(sH, A), no dropout (``fc1``,
+      ``norm``, ``fc2``).
+    """
 
     def __init__(self, config: VLConfig):
         super().__init__()
         self.kind = config.vqa_head
-        h = config.hidden_size
+        h, wide = config.hidden_size, config.hidden_size * config.vqa_hidden_scale
         if self.kind == "mlp":
-            self.fc1 = nn.Linear(h, 2 * h)
-            self.norm = nn.LayerNorm(2 * h, eps=config.layer_norm_eps)
-            self.fc2 = nn.Linear(2 * h, config.num_answers)
+            self.fc1 = nn.Linear(h, wide)
+            self.norm = nn.LayerNorm(wide, eps=config.layer_norm_eps)
+            self.fc2 = nn.Linear(wide, config.num_answers)
+        elif self.kind == "oscar_mlp":
+            self.dropout = nn.Dropout(config.hidden_dropout)
+            self.classifier = nn.Sequential(nn.Linear(h, wide), nn.ReLU(),
+                                            nn.Linear(wide, config.num_answers))
         else:
             self.dropout = nn.Dropout(config.hidden_dropout)
             self.fc = nn.Linear(h, config.num_answers)
@@ -378,6 +414,8 @@ class VQAHead(nn.Module):
         """(B, H) → (B, A) logits."""
         if self.kind == "mlp":
             return self.fc2(self.norm(F.gelu(self.fc1(pooled))))
+        if self.kind == "oscar_mlp":
+            return self.classifier(self.dropout(pooled))
         return self.fc(self.dropout(pooled))
 
 

@@ -18,8 +18,19 @@ Oscar key → vlkd key::
     cls.predictions.transform.*                          → mlm_head.transform.*
     cls.predictions.bias (and decoder.bias, same values) → mlm_head.bias
     cls.predictions.decoder.weight                       → tied to bert.embeddings.word_embeddings
-    cls.seq_relationship.*                               → itm_head.*
+    cls.seq_relationship.*                               → itm_head.*   (same labels, below)
     classifier.{weight,bias}  (--classifier linear)      → vqa_head.fc.*  (vqa_head: linear)
+    classifier.{0,2}.{weight,bias}  (--classifier mlp)   → vqa_head.classifier.{0,2}.*
+                                                           (vqa_head: oscar_mlp)
+
+The image-text matching head needs no change: vlkd's labels are Oscar's
+(``BertImgForPreTraining``'s ``next_sentence_label`` from ``oscar/datasets/oscar_tsv.py``
+``random_sent``: 0 = matched, 1 = text b (tags) from another image, 2 = text a from another
+image), so an imported ``cls.seq_relationship`` predicts what it predicted in Oscar.
+
+A VQA classifier's output i is the answer that Oscar's ``run_vqa.py`` maps it to: the i-th key
+of the ``trainval_ans2label.pkl`` it was trained with (``data.answer_vocab``; see
+:func:`vlkd.data.vqa.load_answer_vocab`).
 """
 from __future__ import annotations
 
@@ -120,9 +131,15 @@ def _translate_key(key: str, config: VLConfig) -> tuple[str | None, str]:
         return "itm_head." + key[len("cls.seq_relationship."):], ""
     if key in ("classifier.weight", "classifier.bias"):
         if config.vqa_head != "linear":
-            return None, ("Oscar's linear VQA classifier; build the model with vqa_head='linear' "
-                          "to import it")
+            return None, ("Oscar's linear VQA classifier (--classifier linear); build the model "
+                          "with vqa_head='linear' to import it")
         return "vqa_head.fc." + key.split(".")[-1], ""
+    m = re.fullmatch(r"classifier\.([02])\.(weight|bias)", key)
+    if m:
+        if config.vqa_head != "oscar_mlp":
+            return None, ("Oscar's mlp VQA classifier (--classifier mlp: Linear-ReLU-Linear); "
+                          "build the model with vqa_head='oscar_mlp' to import it")
+        return f"vqa_head.classifier.{m[1]}.{m[2]}", ""
     return None, "no vlkd counterpart"
 
 
@@ -233,7 +250,10 @@ def config_from_oscar(config_json: str | Path | dict[str, Any], geometry_dim: in
                       **overrides: Any) -> VLConfig:
     """A :class:`VLConfig` from an Oscar / VinVL ``config.json``.
 
-    Oscar's ``img_feature_dim`` is feature + geometry (VinVL: 2054 = 2048 + 6).
+    Oscar's ``img_feature_dim`` is feature + geometry (VinVL: 2054 = 2048 + 6). The VQA head
+    follows ``ImageBertForSequenceClassification``: ``classifier: mlp`` is ``oscar_mlp`` with
+    ``cls_hidden_scale`` (default 2), ``linear`` or no ``classifier`` key is ``linear``; its
+    dropout is ``hidden_dropout_prob`` (0.3 in a checkpoint of Oscar's VQA recipe).
     """
     raw = (config_json if isinstance(config_json, dict)
            else json.loads(Path(config_json).read_text()))
@@ -252,9 +272,11 @@ def config_from_oscar(config_json: str | Path | dict[str, Any], geometry_dim: in
         "region_layer_norm": bool(raw.get("use_img_layernorm", False)),
         "region_layer_norm_eps": raw.get("img_layer_norm_eps", 1e-12),
         "num_itm_classes": raw.get("num_contrast_classes", 2),
+        "hidden_dropout": raw.get("hidden_dropout_prob", 0.1),
+        "attention_dropout": raw.get("attention_probs_dropout_prob", 0.1),
+        "vqa_head": "oscar_mlp" if raw.get("classifier") == "mlp" else "linear",
+        "vqa_hidden_scale": int(raw.get("cls_hidden_scale", 2)),
     }
-    if raw.get("classifier") == "linear":
-        vals["vqa_head"] = "linear"
     if "num_labels" in raw and raw["num_labels"] > 2:
         vals["num_answers"] = raw["num_labels"]
     return VLConfig(**{**vals, **overrides})

@@ -1,15 +1,25 @@
 """What every task shares: text and tag token ids, the per-batch layout, the device side, and
 the contract of the task registry (:data:`TASKS`).
 
-Sequence (Oscar/VinVL)::
+Sequence (Oscar/VinVL), in one of two text layouts (``data.text_layout``; a task declares its
+own, :attr:`Task.layout`)::
 
+    split (caption, pretrain):
     [CLS] text [SEP] | tag tokens [SEP] | region_1 .. region_R
     segment 0        | segment 1        | (regions: no segment)
     positions 0..    | max_text_len..   |
 
-Tag positions start at ``max_text_len`` whatever the text length, as in Oscar (which pads the
-text to that length): a caption being decoded one token at a time sees its tags at the same
-positions as in training.
+    pair (vqa):
+    [CLS] question [SEP] tag tokens [SEP] | region_1 .. region_R
+    segment 0 .......... 1 .............  |
+    positions 0, 1, 2, ... (contiguous)   |
+
+``split``: tag positions start at ``max_text_len`` whatever the text length, as in Oscar's
+captioning (which pads the caption to that length): a caption being decoded one token at a time
+sees its tags at the same positions as in training. ``pair``: Oscar's ``run_vqa.py`` input
+(BERT's sentence pair, ``max_seq_length`` 128 tokens for both together, the longer side
+truncated first by ``_truncate_seq_pair``; an image without tags gives ``[CLS] question
+[SEP]``), so that imported Oscar VQA checkpoints see the positions they were trained with.
 
 A task turns a streamed sample into model inputs: per sample in the loader workers
 (:meth:`Task.transform`), per batch in collation (:meth:`Task.collate`), then on the device
@@ -37,7 +47,17 @@ if TYPE_CHECKING:
     from ..stream import RegionStream
 
 __all__ = ["TASKS", "TextEncoder", "Task", "task_names", "mask_tokens", "to_device",
-           "model_inputs"]
+           "model_inputs", "LAYOUTS", "truncate_seq_pair"]
+
+#: Text layouts (see the module docstring).
+LAYOUTS = ("split", "pair")
+
+
+def truncate_seq_pair(tokens_a: list, tokens_b: list, max_length: int) -> None:
+    """Oscar's (BERT's) ``_truncate_seq_pair``: pops the last token of the longer list (of
+    ``tokens_b`` on a tie) until both fit in ``max_length``; in place."""
+    while len(tokens_a) + len(tokens_b) > max_length:
+        (tokens_a if len(tokens_a) > len(tokens_b) else tokens_b).pop()
 
 
 class TextEncoder:
@@ -46,18 +66,20 @@ class TextEncoder:
     Args:
         tokenizer: A BERT WordPiece tokenizer (Hugging Face).
         class_names: The tag set's class names (index → name).
-        max_text_len: Text tokens with [CLS] and [SEP].
-        max_tag_len: Tag tokens with the closing [SEP].
+        max_text_len: Text tokens with [CLS] and [SEP] (``split`` layout).
+        max_tag_len: Tag tokens with the closing [SEP] (``split`` layout).
         unique_tags: One tag per distinct class, in first-box order.
+        max_seq_len: ``pair`` layout: all tokens of ``[CLS] text [SEP] tags [SEP]``.
     """
 
     def __init__(self, tokenizer, class_names: Sequence[str], max_text_len: int = 40,
-                 max_tag_len: int = 30, unique_tags: bool = False):
-        if max_text_len < 3 or max_tag_len < 1:
-            raise ValueError(f"max_text_len must be >= 3 and max_tag_len >= 1, got "
-                             f"{max_text_len}, {max_tag_len}")
+                 max_tag_len: int = 30, unique_tags: bool = False, max_seq_len: int = 128):
+        if max_text_len < 3 or max_tag_len < 1 or max_seq_len < 4:
+            raise ValueError(f"max_text_len must be >= 3, max_tag_len >= 1 and max_seq_len >= 4, "
+                             f"got {max_text_len}, {max_tag_len}, {max_seq_len}")
         self.tokenizer = tokenizer
         self.max_text_len, self.max_tag_len = int(max_text_len), int(max_tag_len)
+        self.max_seq_len = int(max_seq_len)
         self.unique_tags = bool(unique_tags)
         vocab = tokenizer.get_vocab()
         self.cls_id, self.sep_id = vocab["[CLS]"], vocab["[SEP]"]
@@ -75,20 +97,47 @@ class TextEncoder:
         toks = self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.max_text_len - 2]
         return np.array([self.cls_id, *toks, self.sep_id], dtype=np.int64)
 
-    def tag_ids(self, classes: np.ndarray) -> np.ndarray:
-        """Tag tokens of a box class sequence then ``[SEP]``, truncated to ``max_tag_len``."""
+    def _tag_tokens(self, classes: np.ndarray, limit: int) -> list[int]:
+        """The first ``limit`` tokens of the tag sentence of a box class sequence."""
         seq = [int(c) for c in classes]
         if self.unique_tags:
             seq = list(dict.fromkeys(seq))
         ids: list[int] = []
         for c in seq:
+            if len(ids) >= limit:
+                break
             if not 0 <= c < len(self.class_tokens):
                 raise ValueError(f"box class {c} is outside the tag set's {len(self.class_tokens)} "
                                  "class names")
             ids.extend(self.class_tokens[c])
-            if len(ids) >= self.max_tag_len - 1:
-                break
-        return np.array([*ids[: self.max_tag_len - 1], self.sep_id], dtype=np.int64)
+        return ids[:limit]
+
+    def tag_ids(self, classes: np.ndarray) -> np.ndarray:
+        """Tag tokens of a box class sequence then ``[SEP]``, truncated to ``max_tag_len``."""
+        ids = self._tag_tokens(classes, self.max_tag_len - 1)
+        return np.array([*ids, self.sep_id], dtype=np.int64)
+
+    def pair_ids(self, text: str, classes: np.ndarray) -> tuple[np.ndarray, int]:
+        """Oscar's VQA input ``[CLS] text [SEP] tags [SEP]`` in at most ``max_seq_len`` tokens.
+
+        As ``run_vqa.py`` ``tensorize``: the text and tag tokens are truncated together to
+        ``max_seq_len - 3`` by :func:`truncate_seq_pair`; without tags the input is
+        ``[CLS] text [SEP]`` (text truncated to ``max_seq_len - 2``).
+
+        Returns:
+            (int64 ids, length of the first segment ``[CLS] text [SEP]``).
+        """
+        a = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        # capping the tags at max_seq_len tokens first truncates the pair as the whole tag
+        # sentence would (tests/test_tasks.py compares with Oscar's code)
+        b = self._tag_tokens(classes, self.max_seq_len)
+        if b:
+            truncate_seq_pair(a, b, self.max_seq_len - 3)
+            ids = [self.cls_id, *a, self.sep_id, *b, self.sep_id]
+        else:
+            a = a[: self.max_seq_len - 2]
+            ids = [self.cls_id, *a, self.sep_id]
+        return np.array(ids, dtype=np.int64), len(a) + 2
 
     def random_tokens(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """``n`` random non-special token ids."""
@@ -132,6 +181,8 @@ class Task:
         metric: Evaluation score that picks the best checkpoint (the ``eval.metric`` default);
             empty when the task has no evaluation (then ``vlkd-train evaluate`` refuses it).
         needs_answers: The task reads a VQA answer vocabulary (``answers`` below).
+        layouts: The text layouts (:data:`LAYOUTS`) the task can use, its own first (what
+            ``data.text_layout: auto`` picks).
 
     Class methods (``cfg`` is the run's :class:`~vlkd.train.config.RunConfig`):
 
@@ -146,22 +197,39 @@ class Task:
     Args:
         encoder: The :class:`TextEncoder`.
         max_regions: Regions per image kept (the first ones, in stored order).
+        layout: Text layout, one of :attr:`layouts` (default: the first).
     """
 
     name: str = ""
     heads: tuple[str, ...] = ()
     metric: str = ""
     needs_answers: bool = False
+    layouts: tuple[str, ...] = ("split",)
 
-    def __init__(self, encoder: TextEncoder, max_regions: int = 50):
+    def __init__(self, encoder: TextEncoder, max_regions: int = 50, layout: str | None = None):
         self.enc, self.max_regions = encoder, int(max_regions)
+        self.layout = layout or self.layouts[0]
+        if self.layout not in self.layouts:
+            raise ConfigError(f"task {self.name!r} takes the text layouts {list(self.layouts)}, "
+                              f"not {self.layout!r} (data.text_layout)")
 
     # -- from the config (class methods: the registry's contract)
     @classmethod
     def from_config(cls, cfg: "RunConfig", encoder: TextEncoder, *, train: bool = True,
                     num_answers: int = 0) -> "Task":
         """The data side for ``cfg`` (``train=False``: evaluation samples)."""
-        return cls(encoder, cfg.data.max_regions)
+        return cls(encoder, cfg.data.max_regions, layout=cls.layout_for(cfg))
+
+    @classmethod
+    def layout_for(cls, cfg: "RunConfig") -> str:
+        """``data.text_layout``, or the task's own layout for ``auto``."""
+        layout = cfg.data.text_layout
+        if layout == "auto":
+            return cls.layouts[0]
+        if layout not in LAYOUTS:
+            raise ConfigError(f"data.text_layout must be auto or one of {list(LAYOUTS)}, got "
+                              f"{layout!r}")
+        return layout
 
     @classmethod
     def default_losses(cls, task: "TaskConfig") -> dict:
@@ -211,8 +279,9 @@ class Task:
         n = min(sample.regions.num_regions, self.max_regions)
         out = {"features": sample.regions.features[:n],            # stored dtype, a view
                "boxes": np.asarray(sample.regions.boxes[:n], dtype=np.float32),
-               "image_hw": np.asarray(sample.regions.image_hw, dtype=np.float32),
-               "tag_ids": self.enc.tag_ids(sample.tag_classes[:n])}
+               "image_hw": np.asarray(sample.regions.image_hw, dtype=np.float32)}
+        if self.layout == "split":
+            out["tag_ids"] = self.enc.tag_ids(sample.tag_classes[:n])
         if sample.teacher is not None:
             out["teacher_features"] = sample.teacher.features[:n]
         return out
@@ -222,11 +291,19 @@ class Task:
 
     # -- per batch (in a loader worker)
     def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        """Pads text, tags and regions; features stay in their stored dtype."""
+        """Pads text, tags and regions in the task's layout; features keep their stored dtype.
+
+        ``split`` items carry ``text_ids`` and ``tag_ids`` (with ``text_labels`` /
+        ``tag_labels`` when tokens are predicted); ``pair`` items carry the whole
+        ``[CLS] text [SEP] tags [SEP]`` as ``text_ids`` and its first segment's length as
+        ``first_len`` (:meth:`TextEncoder.pair_ids`).
+        """
         bsz = len(items)
-        ta = max(len(it["text_ids"]) for it in items)
-        tb = max(len(it["tag_ids"]) for it in items)
-        t = ta + tb
+        if self.layout == "pair":
+            t = max(len(it["text_ids"]) for it in items)
+        else:
+            ta = max(len(it["text_ids"]) for it in items)
+            t = ta + max(len(it["tag_ids"]) for it in items)
         input_ids = np.full((bsz, t), self.enc.pad_id, dtype=np.int64)
         types = np.zeros((bsz, t), dtype=np.int64)
         positions = np.zeros((bsz, t), dtype=np.int64)
@@ -234,15 +311,23 @@ class Task:
         caption_part = np.zeros((bsz, t), dtype=bool)
         labels = np.full((bsz, t), IGNORE_INDEX, dtype=np.int64)
         for k, it in enumerate(items):
-            n, m = len(it["text_ids"]), len(it["tag_ids"])
-            input_ids[k, :n], input_ids[k, ta:ta + m] = it["text_ids"], it["tag_ids"]
-            types[k, ta:ta + m] = 1
+            n = len(it["text_ids"])
+            input_ids[k, :n] = it["text_ids"]
             positions[k, :n] = np.arange(n)
-            positions[k, ta:ta + m] = self.enc.max_text_len + np.arange(m)
-            text_mask[k, :n], text_mask[k, ta:ta + m] = True, True
-            caption_part[k, :n] = True
+            text_mask[k, :n] = True
             if "text_labels" in it:
                 labels[k, :n] = it["text_labels"]
+            if self.layout == "pair":
+                first = it["first_len"]
+                types[k, first:n] = 1
+                caption_part[k, :first] = True
+                continue
+            m = len(it["tag_ids"])
+            input_ids[k, ta:ta + m] = it["tag_ids"]
+            types[k, ta:ta + m] = 1
+            positions[k, ta:ta + m] = self.enc.max_text_len + np.arange(m)
+            text_mask[k, ta:ta + m] = True
+            caption_part[k, :n] = True
             if "tag_labels" in it:
                 labels[k, ta:ta + m] = it["tag_labels"]
         feats, region_mask = pad_regions([it["features"] for it in items])

@@ -43,8 +43,8 @@ class CaptionTask(Task):
     metric = "CIDEr"
 
     def __init__(self, encoder: TextEncoder, max_regions: int = 50, mask_prob: float = 0.15,
-                 max_masked: int = 3, train: bool = True):
-        super().__init__(encoder, max_regions)
+                 max_masked: int = 3, train: bool = True, layout: str | None = None):
+        super().__init__(encoder, max_regions, layout)
         self.mask_prob, self.max_masked, self.train = float(mask_prob), int(max_masked), train
 
     def transform(self, sample: Sample) -> dict:
@@ -67,7 +67,8 @@ class CaptionTask(Task):
     @classmethod
     def from_config(cls, cfg, encoder, *, train=True, num_answers=0):
         t = cfg.task
-        return cls(encoder, cfg.data.max_regions, t.mask_prob, t.max_masked, train=train)
+        return cls(encoder, cfg.data.max_regions, t.mask_prob, t.max_masked, train=train,
+                   layout=cls.layout_for(cfg))
 
     @classmethod
     def default_losses(cls, task):

@@ -2,7 +2,11 @@
 swap.
 
 With probability ``tag_swap_prob`` a sample takes the next sample's tags in the batch and its
-image-text matching label becomes 0 (1 = tags belong to the image). Loss terms: ``mlm``
+image-text matching label becomes 1; a matched sample's label is 0. These are Oscar's labels
+(``BertImgForPreTraining``, ``oscar/datasets/oscar_tsv.py`` ``random_sent``: 0 = matched,
+1 = text b from another image; Oscar's 3-class variant adds 2 = text a from another image,
+which this task does not make), so imported ``cls.seq_relationship`` heads and vlkd's agree.
+Loss terms: ``mlm``
 (masked-token CE over text and tags) and ``itm`` (matching CE). Records: (image id, caption)
 pairs from ``data.pairs`` (TSV or JSON), else ``data.captions``. No evaluation.
 """
@@ -14,6 +18,7 @@ import torch
 from vlkd.common.config import ConfigError
 from vlkd.data.captions import load_pairs
 
+from ..model import ITM_MATCHED, ITM_OTHER_TAGS
 from ..stream import Sample
 from .base import TASKS, Task, TextEncoder, mask_tokens
 from .caption import caption_records
@@ -36,8 +41,9 @@ class PretrainTask(Task):
     heads = ("mlm", "itm")
 
     def __init__(self, encoder: TextEncoder, max_regions: int = 50, mask_prob: float = 0.15,
-                 tag_mask_prob: float = 0.15, tag_swap_prob: float = 0.5):
-        super().__init__(encoder, max_regions)
+                 tag_mask_prob: float = 0.15, tag_swap_prob: float = 0.5,
+                 layout: str | None = None):
+        super().__init__(encoder, max_regions, layout)
         self.mask_prob, self.tag_mask_prob = float(mask_prob), float(tag_mask_prob)
         self.tag_swap_prob = float(tag_swap_prob)
 
@@ -59,13 +65,13 @@ class PretrainTask(Task):
     def collate(self, items):
         bsz = len(items)
         swapped = []
-        itm = np.ones(bsz, dtype=np.int64)
+        itm = np.full(bsz, ITM_MATCHED, dtype=np.int64)
         for k, it in enumerate(items):
             donor = items[(k + 1) % bsz]
             if it["swap"] and bsz > 1 and not np.array_equal(donor["clean_tag_ids"],
                                                              it["clean_tag_ids"]):
                 it = dict(it, tag_ids=donor["tag_ids"], tag_labels=donor["tag_labels"])
-                itm[k] = 0
+                itm[k] = ITM_OTHER_TAGS
             swapped.append(it)
         batch = super().collate(swapped)
         batch["itm_labels"] = torch.from_numpy(itm)
@@ -75,7 +81,8 @@ class PretrainTask(Task):
     @classmethod
     def from_config(cls, cfg, encoder, *, train=True, num_answers=0):
         t = cfg.task
-        return cls(encoder, cfg.data.max_regions, t.mask_prob, t.tag_mask_prob, t.tag_swap_prob)
+        return cls(encoder, cfg.data.max_regions, t.mask_prob, t.tag_mask_prob, t.tag_swap_prob,
+                   layout=cls.layout_for(cfg))
 
     @classmethod
     def default_losses(cls, task):
