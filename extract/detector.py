@@ -115,7 +115,8 @@ def _load_yaml_with_base(path: Path) -> dict:
 #: vlkd's own detector parts whose configs carry keys of their own: ``{module: (keys)}``. A module
 #: is imported (registering its classes) and its ``add_config`` applied when a config sets one
 #: of its keys, so other configs resolve, and digest, as before it existed.
-CONFIG_KEY_MODULES = {"vlkd.extract.vinvl": ("MODEL.VINVL", "INPUT.RESIZE_RULE")}
+CONFIG_KEY_MODULES = {"vlkd.extract.vinvl": ("MODEL.VINVL", "INPUT.RESIZE_RULE"),
+                      "vlkd.extract.tee": ("MODEL.EFFICIENTNET", "MODEL.BIFPN")}
 
 
 def _own_config_hooks(merged: dict) -> list:

@@ -19,10 +19,7 @@ Plugins are loaded, in this order, from
    ``[options.entry_points] vlkd.plugins = mydet = mypackage.vlkd_plugin``); an entry point
    that names a function (``mypackage.plugin:register``) has it called after the import.
 
-A module is imported once per process, however often it is named. vlkd's own detector families
-that need config keys or registrations beyond detectron2's (:data:`BUILTIN_PLUGINS`: the TEE-like
-EfficientNet/BiFPN student, ``vlkd.extract.tee``) are loaded the same way, first, whenever a
-detector config is read (:func:`config_hooks`) or plugins are loaded.
+A module is imported once per process, however often it is named.
 """
 from __future__ import annotations
 
@@ -34,8 +31,6 @@ from typing import Callable, Iterable
 
 ENV_VAR = "VLKD_PLUGINS"
 ENTRY_POINT_GROUP = "vlkd.plugins"
-#: vlkd's built-in plugin modules, imported before any other.
-BUILTIN_PLUGINS = ("vlkd.extract.tee",)
 
 _loaded: dict[str, object] = {}  # name -> imported module (or entry point object)
 
@@ -91,7 +86,6 @@ def load_plugins(names: Iterable[str] = (), *, environ: dict | None = None,
     Raises:
         PluginError: a plugin cannot be imported.
     """
-    _load_builtins()
     for name in names:
         if name not in _loaded:
             _loaded[name] = _import(name, "--plugin")
@@ -117,20 +111,13 @@ def load_plugins(names: Iterable[str] = (), *, environ: dict | None = None,
     return list(_loaded)
 
 
-def _load_builtins() -> None:
-    for name in BUILTIN_PLUGINS:
-        if name not in _loaded:
-            _loaded[name] = importlib.import_module(name)
-
-
 def loaded_plugins() -> list[str]:
     """The plugins loaded in this process, in load order."""
     return list(_loaded)
 
 
 def config_hooks() -> list[Callable]:
-    """The ``add_config(cfg)`` functions of the built-in and the loaded plugin modules."""
-    _load_builtins()
+    """The ``add_config(cfg)`` functions of the loaded plugin modules."""
     hooks = []
     for obj in _loaded.values():
         fn = getattr(obj, "add_config", None)
@@ -139,5 +126,5 @@ def config_hooks() -> list[Callable]:
     return hooks
 
 
-__all__ = ["ENV_VAR", "ENTRY_POINT_GROUP", "BUILTIN_PLUGINS", "PluginError", "env_plugins",
-           "load_plugins", "loaded_plugins", "config_hooks"]
+__all__ = ["ENV_VAR", "ENTRY_POINT_GROUP", "PluginError", "env_plugins", "load_plugins",
+           "loaded_plugins", "config_hooks"]

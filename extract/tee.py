@@ -34,8 +34,10 @@ bottom-up nodes. Differences: PyTorch's symmetric padding instead of TensorFlow'
 padding in the 3x3 max-pool, and detectron2 norms (``BN``, ``SyncBN``, ``FrozenBN``, ``GN``)
 in the backbone and the neck.
 
-The config keys are declared by :func:`add_config`, which vlkd calls on detectron2's default
-config before it merges a detector config (``vlkd.extract.plugins.BUILTIN_PLUGINS``).
+The config keys are declared by :func:`add_config`. vlkd imports this module and applies it to
+detectron2's default config before merging a detector config that sets ``MODEL.EFFICIENTNET``
+or ``MODEL.BIFPN`` (``vlkd.extract.detector.CONFIG_KEY_MODULES``; ``tee-b0.yaml`` and every
+config based on it do), so other configs resolve, and digest, as if it did not exist.
 """
 from __future__ import annotations
 

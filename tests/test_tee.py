@@ -92,8 +92,14 @@ def test_backbone_levels_strides_and_padding():
 
 
 def test_configs_build_the_tee_family():
-    """tee-b0 (600/1000, VinVL's 1594 classes) and the tiny config build TEE detectors."""
+    """tee-b0 (600/1000, VinVL's 1594 classes) and the tiny config build TEE detectors; other
+    configs do not get the TEE keys (their resolved configs and digests stay as they were)."""
     from detectron2.modeling import build_model
+
+    assert "BIFPN" in load_detector_config(TEE).MODEL
+    for kind in ("c4", "fpn"):
+        other = load_detector_config(DETECTOR_CONFIGS[kind]).MODEL
+        assert "BIFPN" not in other and "EFFICIENTNET" not in other
 
     cfg = load_detector_config(TEE.with_name("tee-b0.yaml"), ["MODEL.DEVICE", "cpu"])
     assert (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST) == (600, 1000)
