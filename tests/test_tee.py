@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from extract_fixtures import (DETECTOR_CONFIGS, _pooled_reference, invoke_extract, make_images,
+from extract_fixtures import (DETECTOR_CONFIGS, ROOT, _pooled_reference, invoke_extract, make_images,
                               read_shards, reference_features, save_tiny_weights, tiny_model,
                               tiny_weights)  # noqa: F401 (fixture)
 from vlkd.common.manifest import read_manifest
@@ -110,6 +110,19 @@ def test_configs_build_the_tee_family():
                                                             512)
     n = sum(p.numel() for p in model.parameters())
     assert 8e6 < n < 15e6, n   # backbone + BiFPN ~3.8 M, RPN, box head, 1594-class predictor
+    # the demo candidate: the demo student's recipe and feature dim, TEE levels P2..P6
+    demo = load_detector_config(TEE.with_name("tee-demo.yaml"))
+    student = load_detector_config(ROOT / "configs" / "demo" / "student_detector.yaml")
+    assert demo.MODEL.ROI_BOX_HEAD.FC_DIM == student.MODEL.ROI_BOX_HEAD.FC_DIM
+    assert demo.SOLVER == student.SOLVER and demo.SEED == student.SEED
+    assert {k: v for k, v in demo.INPUT.items() if k != "FORMAT"} == \
+        {k: v for k, v in student.INPUT.items() if k != "FORMAT"}   # RGB: torchvision's stats
+    assert TEEFamily(build_model(demo).roi_heads).feature_dim == 256
+    # the latency benchmark's teacher: VinVL's X152-C4 shape (config only: 146 M parameters)
+    x152 = load_detector_config(TEE.with_name("x152-c4-vinvl-shape.yaml"))
+    r = x152.MODEL.RESNETS
+    assert (r.DEPTH, r.NUM_GROUPS, r.WIDTH_PER_GROUP, x152.MODEL.ROI_HEADS.NAME,
+            x152.MODEL.ROI_HEADS.NUM_CLASSES) == (152, 32, 8, "Res5ROIHeads", 1594)
 
 
 # ------------------------------------------------------------------- pooling over given boxes
