@@ -36,6 +36,7 @@ docs/EXTRACT.md, "Using VinVL's detector"):
 """
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
@@ -238,6 +239,17 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _decode(value):
+    """A config value as yacs decodes it (``CfgNode._decode_cfg_value``): strings that are Python
+    literals (``"(32, 64)"``, ``"True"``, ``"0.2"``) become them, other strings stay."""
+    if isinstance(value, str):
+        try:
+            return ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return value
+    return value
+
+
 def _ignored(key: str) -> bool:
     return any(key == p or (p.endswith((".", "_")) and key.startswith(p)) for p in IGNORED)
 
@@ -264,12 +276,12 @@ def read_sgb_config(path: str | os.PathLike, opts: Sequence[str] = ()) -> dict[s
     if not isinstance(data, dict):
         raise ConversionError(f"--config {p}: expected a YAML mapping, found "
                               f"{type(data).__name__}")
-    given = _flatten(data)
+    given = {k: _decode(v) for k, v in _flatten(data).items()}
     if len(opts) % 2:
         raise ConversionError(f"SGB config overrides come in KEY VALUE pairs; got {len(opts)} "
                               f"words: {' '.join(opts)}")
-    for k, v in zip(opts[::2], opts[1::2]):
-        given[k] = yaml.safe_load(v) if isinstance(v, str) else v
+    for k, v in zip(opts[::2], opts[1::2]):  # yacs merge_from_list: literal_eval each value
+        given[k] = _decode(v)
     unknown = [k for k in given if k not in SGB_DEFAULTS and not _ignored(k)]
     if unknown:
         raise ConversionError(

@@ -440,3 +440,36 @@ def test_any_block_counts(world, tmp_path):
                           [boxes_to_resized(boxes, rgb.shape[:2], tuple(il.image_sizes[0]))])
     ref, _ = sgb.reference_regions(sd, rgb, boxes)
     torch.testing.assert_close(f, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_vinvls_own_config_reads_as_sgb_resolves_it():
+    """sgg_configs/vgattr/vinvl_x152c4.yaml as published (tests/fixtures/sgb/), with the
+    overrides of SGB's README extraction command."""
+    from vlkd.extract.convert_vinvl import (detectron2_config, extraction_options,
+                                            read_sgb_config)
+
+    path = Path(__file__).parent / "fixtures" / "sgb" / "vinvl_x152c4.yaml"
+    cfg = read_sgb_config(path, ["MODEL.ROI_HEADS.NMS_FILTER", "1", "MODEL.ROI_HEADS.SCORE_THRESH",
+                                 "0.2", "TEST.IGNORE_BOX_REGRESSION", "True",
+                                 "MODEL.ATTRIBUTE_ON", "True"])
+    assert cfg["MODEL.BACKBONE.CONV_BODY"] == "R-152-C4"
+    assert (cfg["MODEL.RESNETS.NUM_GROUPS"], cfg["MODEL.RESNETS.WIDTH_PER_GROUP"],
+            cfg["MODEL.RESNETS.STRIDE_IN_1X1"]) == (32, 8, False)
+    assert cfg["MODEL.ROI_BOX_HEAD.NUM_CLASSES"] == 1595
+    assert cfg["MODEL.ROI_ATTRIBUTE_HEAD.NUM_ATTRIBUTES"] == 525
+    assert cfg["INPUT.PIXEL_STD"] == (1.0, 1.0, 1.0)  # SGB's default, the file sets only the mean
+    assert cfg["MODEL.RPN.ANCHOR_SIZES"] == (32, 64, 128, 256, 512)
+    d2 = detectron2_config(cfg, (3, 8, 36, 3), 1594, 524)
+    assert d2["MODEL"]["RESNETS"]["DEPTH"] == 152
+    assert d2["MODEL"]["PIXEL_MEAN"] == [103.53, 116.28, 123.675]
+    assert (d2["INPUT"]["MIN_SIZE_TEST"], d2["INPUT"]["MAX_SIZE_TEST"]) == (600, 1000)
+    assert (d2["MODEL"]["RPN"]["PRE_NMS_TOPK_TEST"], d2["MODEL"]["RPN"]["POST_NMS_TOPK_TEST"]) \
+        == (6000, 300)
+    opts = extraction_options(cfg, True)
+    assert opts["proposals"][:8] == ["--box-selection", "vinvl", "--score-thresh", "0.2",
+                                     "--min-boxes", "10", "--max-boxes", "100"]
+    assert opts["teacher_features"] == ["--attributes", "--attr-thresh", "0.05", "--attr-top-k",
+                                        "16", "--attr-max-per-image", "100"]
+    # tuples written as strings, as SGB's configs do, decode as yacs decodes them
+    cfg = read_sgb_config(path, ["MODEL.RPN.ASPECT_RATIOS", "(0.5, 1.0)"])
+    assert cfg["MODEL.RPN.ASPECT_RATIOS"] == (0.5, 1.0)
