@@ -56,6 +56,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from extract_throughput import make_images  # JPEGs of blocky noise (benchmarks/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 DETECTORS = ROOT / "configs" / "detectors"
@@ -94,22 +95,6 @@ class Pipeline:
     regions: list = field(default_factory=list)
     tokens: list = field(default_factory=list)
     captions: list = field(default_factory=list)
-
-
-def make_images(folder: Path, n: int, hw: tuple[int, int], seed: int = 0) -> list[Path]:
-    """``n`` JPEGs of blocky noise (decoding costs what a photo's does)."""
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rs = np.random.RandomState(seed)
-    h, w = hw
-    paths = []
-    for i in range(n):
-        small = rs.randint(0, 256, (h // 16 + 1, w // 16 + 1, 3)).astype(np.uint8)
-        img = np.kron(small, np.ones((16, 16, 1), np.uint8))[:h, :w]
-        paths.append(folder / f"{i:06d}.jpg")
-        Image.fromarray(img).save(paths[-1], quality=90)
-    return paths
 
 
 def make_tokenizer(folder: Path, class_names: list[str], size: int):
@@ -304,7 +289,7 @@ def main() -> None:
                        max_boxes=args.regions)
     with tempfile.TemporaryDirectory(prefix="vlkd-latency-") as tmp:
         work = Path(tmp)
-        images = make_images(work / "images", args.images, args.image_hw)
+        images = sorted(make_images(work / "images", args.images, hw=args.image_hw).glob("*.jpg"))
         pipes = [build(s, args.device, work) for s in setups]
         load = [os.getloadavg()]
         for _ in range(args.repeats):
