@@ -215,7 +215,7 @@ class VinVLRPN(RPN):
         with torch.no_grad():
             logits, deltas = pred_objectness_logits[0], pred_anchor_deltas[0]  # (N, HWA), (N, HWA, 4)
             n = logits.shape[0]
-            prob = logits.sigmoid()
+            prob = logits.float().sigmoid()  # SGB's objectness, in float32 under autocast too
             k = min(int(self.pre_nms_topk[self.training]), prob.shape[1])
             prob, idx = prob.topk(k, dim=1, sorted=True)
             batch = torch.arange(n, device=logits.device)[:, None]
