@@ -222,10 +222,73 @@ def save_model_dir(model: VLModel, directory: Path, tokenizer, meta: dict,
 # Streams and losses
 # --------------------------------------------------------------------------------------------
 
-def make_encoder(cfg: RunConfig, tokenizer, class_names: list[str]) -> TextEncoder:
+#: ``data.*`` keys that fix a model's input layout: recorded in ``vlkd_train.json``; a model is
+#: evaluated with its own, and a teacher's are compared with its student's.
+LAYOUT_KEYS = ("max_text_len", "max_tag_len", "max_seq_len", "max_regions", "unique_tags",
+               "tag_source", "tag_attributes")
+
+
+@dataclass
+class TagNames:
+    """What the object tags are made of: the tag set's class names, its attribute names
+    ("attribute + object" tags; empty when off) and the class names allowed as tags (None:
+    all)."""
+
+    class_names: list[str]
+    attribute_names: list[str]
+    vocab: list[str] | None
+
+
+def read_tag_vocab(path: str) -> list[str] | None:
+    """The class names of a ``data.tag_vocab`` file (one per line, ``#`` comments), or None."""
+    if not path:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"data.tag_vocab {path} does not exist; give a file of class names, "
+                          "one per line (e.g. configs/tags/coco80.txt)")
+    names = [ln.split("#", 1)[0].strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    names = [n for n in names if n]
+    if not names:
+        raise ConfigError(f"data.tag_vocab {path} lists no class names")
+    return names
+
+
+def tag_names(cfg: RunConfig, regions: str, vocab: list[str] | None = None) -> TagNames:
+    """The tag vocabulary of a run over ``regions`` (``data.tag_regions``, ``tag_source``,
+    ``tag_attributes``, ``tag_vocab``; ``vocab`` overrides the file: a model's own list)."""
+    from .stream import tag_attribute_names
+
     d = cfg.data
-    return TextEncoder(tokenizer, class_names, d.max_text_len, d.max_tag_len, d.unique_tags,
-                       d.max_seq_len)
+    if d.tag_source == "image":
+        if not d.tag_regions:
+            raise ConfigError("data.tag_source=image takes the tags from another set by image "
+                              "id: pass data.tag_regions=SET (--tag-regions)")
+        tags = RegionSet(d.tag_regions)
+    else:
+        tags = resolve_tag_set(RegionSet(regions), d.tag_regions or None)
+    attrs = tag_attribute_names(tags) if d.tag_attributes else []
+    allowed = vocab if vocab is not None else read_tag_vocab(d.tag_vocab)
+    if allowed is not None:
+        unknown = sorted({n.lower() for n in allowed}
+                         - {str(c).lower() for c in tags.class_names}
+                         - {str(c).replace("_", " ").lower() for c in tags.class_names})
+        if len(unknown) == len({n.lower() for n in allowed}):
+            raise ConfigError(f"none of the data.tag_vocab class names is a class of the tag "
+                              f"set {tags.path} (e.g. {unknown[:3]}); its classes are e.g. "
+                              f"{list(tags.class_names)[:5]}")
+        if unknown:
+            log.warning("%d data.tag_vocab names are not classes of %s (e.g. %s)", len(unknown),
+                        tags.path, unknown[:3])
+    return TagNames(list(tags.class_names), attrs, allowed)
+
+
+def make_encoder(cfg: RunConfig, tokenizer, tags: TagNames | list[str]) -> TextEncoder:
+    d = cfg.data
+    if not isinstance(tags, TagNames):  # plain class names: object tags, every class
+        tags = TagNames(list(tags), [], None)
+    return TextEncoder(tokenizer, tags.class_names, d.max_text_len, d.max_tag_len, d.unique_tags,
+                       d.max_seq_len, attribute_names=tags.attribute_names, tag_vocab=tags.vocab)
 
 
 def make_stream(cfg: RunConfig, records: list[Record], task: Task, *, regions: str,
@@ -234,7 +297,8 @@ def make_stream(cfg: RunConfig, records: list[Record], task: Task, *, regions: s
     d = cfg.data
     return RegionStream(regions, records, transform=task.transform, collate=task.collate,
                         batch_size=batch_size or d.batch_size, teacher_regions=teacher_regions,
-                        tag_regions=d.tag_regions or None, shuffle=shuffle, seed=cfg.train.seed,
+                        tag_regions=d.tag_regions or None, tag_source=d.tag_source,
+                        tag_attributes=d.tag_attributes, shuffle=shuffle, seed=cfg.train.seed,
                         chunk_size=d.chunk_size, shuffle_buffer=d.shuffle_buffer,
                         num_workers=d.num_workers, rank=rank, world_size=world_size)
 
@@ -304,18 +368,20 @@ class RunInputs:
     meta: dict
 
 
-def run_meta(cfg: RunConfig, tokenizer, class_names: list[str]) -> dict:
+def run_meta(cfg: RunConfig, tokenizer, class_names: "TagNames | list[str]") -> dict:
     """The input layout a model was trained with (written as ``vlkd_train.json``)."""
     from vlkd import __version__
 
     d = cfg.data
+    tags = class_names if isinstance(class_names, TagNames) else TagNames(list(class_names), [],
+                                                                          None)
     return {"task": cfg.task.name, "text_layout": TASKS.get(cfg.task.name).layout_for(cfg),
-            "max_text_len": d.max_text_len, "max_tag_len": d.max_tag_len,
-            "max_seq_len": d.max_seq_len, "max_regions": d.max_regions,
-            "unique_tags": d.unique_tags, "class_names": class_names,
+            **{k: getattr(d, k) for k in LAYOUT_KEYS},
+            "class_names": tags.class_names, "attribute_names": tags.attribute_names,
+            "tag_vocab": tags.vocab,
             "tokenizer_digest": vocab_digest(tokenizer), "tool_version": __version__}
 
 
 def tag_class_names(regions: str, tag_regions: str = "") -> list[str]:
-    """Class names of the set that gives the tags for ``regions``."""
+    """Class names of the set that gives the box tags for ``regions``."""
     return list(resolve_tag_set(RegionSet(regions), tag_regions or None).class_names)

@@ -156,8 +156,9 @@ def _train(command: str, cfg, resume: str | None) -> None:
         tokenizer = build.resolve_tokenizer(cfg, model_dir)
         answers = build.load_answers(cfg, model_dir) if spec.needs_answers else None
         regions = RegionSet(cfg.data.regions)
-        class_names = build.tag_class_names(cfg.data.regions, cfg.data.tag_regions)
-        encoder = build.make_encoder(cfg, tokenizer, class_names)
+        tags = build.tag_names(cfg, cfg.data.regions)
+        class_names = tags.class_names
+        encoder = build.make_encoder(cfg, tokenizer, tags)
         task = build_task(cfg, encoder, num_answers=len(answers or []))
         records = build.train_records(cfg, answers)
         stream = build.make_stream(cfg, records, task, regions=cfg.data.regions,
@@ -173,7 +174,7 @@ def _train(command: str, cfg, resume: str | None) -> None:
         combiner = build.build_combiner(cfg, model, teacher, tokenizer=tokenizer,
                                         answers=answers)
         module = TrainModule(model, combiner, spec.name, task.seq2seq())
-        meta = build.run_meta(cfg, tokenizer, class_names)
+        meta = build.run_meta(cfg, tokenizer, tags)
         inputs = RunInputs(tokenizer, encoder, task, answers, class_names, meta)
 
         def save_model(directory: Path) -> None:
@@ -217,7 +218,7 @@ def _train(command: str, cfg, resume: str | None) -> None:
 def _check_teacher(cfg, teacher, tokenizer, student) -> None:
     from vlkd.common.regionset import RegionSet
 
-    from .build import read_meta
+    from .build import LAYOUT_KEYS, read_meta
     from .config import ConfigError
     from .tasks import TASKS
     from .tokenizer import vocab_digest
@@ -234,8 +235,7 @@ def _check_teacher(cfg, teacher, tokenizer, student) -> None:
                           "must read the same token ids: pass the teacher's directory as "
                           "--tokenizer")
     d = cfg.data
-    ours = {k: getattr(d, k) for k in ("max_text_len", "max_tag_len", "max_seq_len",
-                                       "max_regions", "unique_tags")}
+    ours = {k: getattr(d, k) for k in LAYOUT_KEYS}
     ours["text_layout"] = TASKS.get(cfg.task.name).layout_for(cfg)
     for key, value in ours.items():
         if key in meta and meta[key] != value:
@@ -421,9 +421,7 @@ def _evaluate(greedy, output_dir, config_path, overrides, options):
                          f"directory {model_dir} records task {meta.get('task')!r})")
     spec = TASKS.get(task)
     # The model's input layout wins over the file and options; --set still wins over it.
-    layout = {f"data.{k}": meta[k] for k in ("text_layout", "max_text_len", "max_tag_len",
-                                             "max_seq_len", "max_regions", "unique_tags")
-              if k in meta}
+    layout = {f"data.{k}": meta[k] for k in ("text_layout", *build.LAYOUT_KEYS) if k in meta}
     if meta and "text_layout" not in meta:  # written before layouts existed: all were split
         layout["data.text_layout"] = "split"
     cfg = _resolve_config(config_path, {**options, "task.name": task, "data.regions": regions,
@@ -435,7 +433,9 @@ def _evaluate(greedy, output_dir, config_path, overrides, options):
     try:
         tokenizer = build.resolve_tokenizer(cfg, model_dir)
         answers = build.load_answers(cfg, model_dir) if spec.needs_answers else None
-        class_names = build.tag_class_names(regions, cfg.data.tag_regions)
+        tags = build.tag_names(cfg, regions, vocab=None if cfg.data.tag_vocab
+                               else meta.get("tag_vocab"))
+        class_names = tags.class_names
         if meta.get("class_names") and meta["class_names"] != class_names:
             # Legitimate in ablations (a teacher evaluated with the student's tags), so a note.
             log.warning("the tags of %s come from %d class names that differ from the %d the "
@@ -445,7 +445,7 @@ def _evaluate(greedy, output_dir, config_path, overrides, options):
         if model.config.region_dim != RegionSet(regions).feature_dim:
             raise ValueError(f"model takes {model.config.region_dim}-d features, {regions} has "
                              f"{RegionSet(regions).feature_dim}-d ones")
-        encoder = build.make_encoder(cfg, tokenizer, class_names)
+        encoder = build.make_encoder(cfg, tokenizer, tags)
         ev_task = build_task(cfg, encoder, train=False, num_answers=len(answers or []))
         records, refs = build.eval_records(cfg, answers)
         stream = build.make_stream(cfg, records, ev_task, regions=regions, shuffle=False,

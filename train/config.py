@@ -101,6 +101,14 @@ class DataConfig:
             positions, tags at positions ``max_text_len + j``: Oscar's captioning input).
         max_regions: Regions per image (the first ones, in stored order).
         unique_tags: One tag per distinct class instead of one per box.
+        tag_source: ``boxes``: one tag per region, the tag set's class of that box (the tag
+            set is aligned with ``regions``); ``image``: the classes of ``tag_regions``' own
+            boxes of each image, matched by image id, box-independent (any set over the same
+            images, e.g. a COCO-trained detector's proposals, as Oscar's VQA recipe does).
+        tag_vocab: A file of class names, one per line, that may become tags (e.g.
+            ``configs/tags/coco80.txt``, the 80 COCO classes); empty: every class.
+        tag_attributes: "Attribute + object" tags (``red car``) from the tag set's stored
+            attributes (``attr_ids``, ``attribute_names``: extracted with ``--attributes``).
         batch_size: Samples per batch and process.
         num_workers: DataLoader worker processes per process.
         chunk_size: Consecutive images read at once from a shard.
@@ -127,6 +135,9 @@ class DataConfig:
     text_layout: str = "auto"
     max_regions: int = 50
     unique_tags: bool = False
+    tag_source: str = "boxes"
+    tag_vocab: str = ""
+    tag_attributes: bool = False
     batch_size: int = 32
     num_workers: int = 2
     chunk_size: int = 64

@@ -48,6 +48,7 @@ from vlkd.common.regionset import ImageRegions, RegionSet, ShardReader
 log = logging.getLogger(__name__)
 
 __all__ = ["Record", "Sample", "AlignmentError", "check_alignment", "resolve_tag_set",
+           "TAG_SOURCES", "tag_attribute_names",
            "RegionStream", "make_loader", "pad_regions", "worker_skips", "split_range"]
 
 
@@ -75,19 +76,25 @@ class Sample:
         record: The annotation.
         regions: The image's regions in the trained model's set (features in stored dtype).
         teacher: The same image's regions in the aligned teacher set, or None.
-        tag_classes: (n,) int32 class index of every box in the tag set (the student
-            detector's classes), same order as ``regions.boxes``.
+        tag_classes: int32 class indices of the image's tags: with ``tag_source="boxes"``
+            one per box of ``regions`` (the tag set's class of that box: the student detector's
+            classes), same order; with ``tag_source="image"`` the classes of the tag set's own
+            boxes of this image (another detector over the same images), best first.
+        tag_attrs: int32 attribute id of each tag (-1: none), or None when attribute tags are
+            off.
         rng: A generator seeded from (seed, epoch, shard, image, record): masking and other
             per-sample randomness do not depend on workers, ranks or resumption. Made on first
             use (a generator costs ~30 µs; evaluation never needs one).
     """
 
-    __slots__ = ("record", "regions", "teacher", "tag_classes", "_rng", "_seed")
+    __slots__ = ("record", "regions", "teacher", "tag_classes", "tag_attrs", "tag_source",
+                 "_rng", "_seed")
 
     def __init__(self, record: Record, regions: ImageRegions, teacher: ImageRegions | None,
-                 tag_classes: np.ndarray, rng: np.random.Generator | Sequence[int]):
+                 tag_classes: np.ndarray, rng: np.random.Generator | Sequence[int],
+                 tag_attrs: np.ndarray | None = None, tag_source: str = "boxes"):
         self.record, self.regions, self.teacher = record, regions, teacher
-        self.tag_classes = tag_classes
+        self.tag_classes, self.tag_attrs, self.tag_source = tag_classes, tag_attrs, tag_source
         if isinstance(rng, np.random.Generator):
             self._rng, self._seed = rng, None
         else:
@@ -99,10 +106,37 @@ class Sample:
             self._rng = np.random.default_rng(self._seed)
         return self._rng
 
+    def tags(self, num_regions: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(classes, attribute ids or None) of the tags that go with the first
+        ``num_regions`` regions: box tags follow the kept boxes, image tags are all of the
+        image's (the tag sentence is cut to its token budget by the encoder)."""
+        if self.tag_source == "image":
+            return self.tag_classes, self.tag_attrs
+        attrs = None if self.tag_attrs is None else self.tag_attrs[:num_regions]
+        return self.tag_classes[:num_regions], attrs
+
 
 # --------------------------------------------------------------------------------------------
 # Alignment
 # --------------------------------------------------------------------------------------------
+
+#: Where the object tags come from (see :class:`RegionStream`).
+TAG_SOURCES = ("boxes", "image")
+
+
+def tag_attribute_names(tags: RegionSet) -> list[str]:
+    """The attribute names of a tag set that stores attributes (``attr_ids``), for
+    "attribute + object" tags; refuses a set without them."""
+    names = tags.manifest.get("attribute_names") or []
+    if "attr_ids" not in tags.extras or not names:
+        raise AlignmentError(
+            f"attribute tags need a tag set with stored attributes (its optional attr_ids "
+            f"array and attribute_names), but {tags.path} has "
+            f"{'no attr_ids' if 'attr_ids' not in tags.extras else 'no attribute_names'}; "
+            "extract it with --attributes (a detector with an attribute head, e.g. VinVL's) or "
+            "turn data.tag_attributes off")
+    return [str(n) for n in names]
+
 
 def check_alignment(base: RegionSet, other: RegionSet, *, base_name: str = "student regions",
                     other_name: str = "teacher regions") -> None:
@@ -223,6 +257,12 @@ class RegionStream(IterableDataset):
         batch_size: Samples per batch.
         teacher_regions: A teacher-features set aligned to ``regions`` (checked), or None.
         tag_regions: Explicit tag set (see :func:`resolve_tag_set`).
+        tag_source: ``boxes`` (default): a tag per box of ``regions``, the tag set's class of
+            that box (the tag set must be aligned with ``regions``); ``image``: the classes of
+            ``tag_regions``' own boxes of each image, matched by image id (any set over the
+            same images, e.g. a COCO-trained detector's proposals, as Oscar's VQA recipe uses).
+        tag_attributes: "attribute + object" tags (``red car``) from the tag set's stored
+            attributes (its optional ``attr_ids`` array and ``attribute_names``).
         shuffle: Permute shards and chunks per epoch and use the shuffle buffer.
         seed: Seeds every permutation, the buffer and the per-sample generators.
         chunk_size: Consecutive images read at once.
@@ -233,7 +273,8 @@ class RegionStream(IterableDataset):
 
     def __init__(self, regions, records: Sequence[Record], *, transform: Callable[[Sample], dict],
                  collate: Callable[[list[dict]], dict], batch_size: int,
-                 teacher_regions=None, tag_regions=None, shuffle: bool = True, seed: int = 0,
+                 teacher_regions=None, tag_regions=None, tag_source: str = "boxes",
+                 tag_attributes: bool = False, shuffle: bool = True, seed: int = 0,
                  chunk_size: int = 64, shuffle_buffer: int = 1024, num_workers: int = 0,
                  rank: int | None = None, world_size: int | None = None):
         super().__init__()
@@ -247,11 +288,21 @@ class RegionStream(IterableDataset):
             self.teacher = (teacher_regions if isinstance(teacher_regions, RegionSet)
                             else RegionSet(teacher_regions))
             check_alignment(self.regions, self.teacher)
-        self.tags = resolve_tag_set(self.regions, tag_regions)
+        if tag_source not in TAG_SOURCES:
+            raise ValueError(f"tag_source must be one of {TAG_SOURCES}, got {tag_source!r}")
+        self.tag_source, self.tag_attributes = tag_source, bool(tag_attributes)
+        if tag_source == "image":
+            if not tag_regions:
+                raise ValueError("tag_source 'image' takes the tags from another set by image "
+                                 "id: pass data.tag_regions=SET (--tag-regions)")
+            self.tags = RegionSet(tag_regions)
+        else:
+            self.tags = resolve_tag_set(self.regions, tag_regions)
         if not self.tags.class_names:
             raise AlignmentError(f"tag set {self.tags.path} has no class_names in its manifest; "
                                  "object tags are the detector's class names")
         self.class_names = list(self.tags.class_names)
+        self.attribute_names = tag_attribute_names(self.tags) if self.tag_attributes else []
         if self.regions.missing_shards:
             log.warning("region set %s lacks shards %s of %d: their images are not read",
                         self.regions.path, self.regions.missing_shards, self.regions.num_shards)
@@ -270,6 +321,7 @@ class RegionStream(IterableDataset):
         for r in records:
             self._by_image.setdefault(r.image_id, []).append(r)
         self._plan = self._build_plan()
+        self._image_tags = self._read_image_tags() if tag_source == "image" else {}
         self.num_samples = int(sum(int(p.counts.sum()) for p in self._plan))
         if self.num_samples == 0:
             example = next(iter(self._by_image), None)
@@ -283,7 +335,8 @@ class RegionStream(IterableDataset):
         plan, found = [], 0
         by_pos = {}
         tshards = self.teacher.shards if self.teacher is not None else [None] * len(self.regions.shards)
-        gshards = self.tags.shards if self.tags is not self.regions else [None] * len(self.regions.shards)
+        gshards = (self.tags.shards if self.tags is not self.regions and self.tag_source == "boxes"
+                   else [None] * len(self.regions.shards))
         for pos, shard in enumerate(self.regions.shards):
             ids = ShardReader(shard.path, shard.index).image_ids
             counts = np.fromiter((len(self._by_image.get(i, ())) for i in ids), dtype=np.int32,
@@ -301,6 +354,26 @@ class RegionStream(IterableDataset):
                         len(self._by_image), self.regions.path, "samples")
         self.missing_images = missing
         return plan
+
+    def _read_image_tags(self) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+        """``tag_source="image"``: the tag set's classes (and attributes) of every annotated
+        image, read once in the launching process (a few ints per image; workers inherit)."""
+        out: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+        for shard in self.tags.shards:
+            rd = ShardReader(shard.path, shard.index)
+            o, classes = rd.offsets, rd.classes
+            attrs = rd.extras.get("attr_ids") if self.tag_attributes else None
+            for i, image_id in enumerate(rd.image_ids):
+                if image_id in self._by_image:
+                    a, b = int(o[i]), int(o[i + 1])
+                    out[image_id] = (np.array(classes[a:b], dtype=np.int32),
+                                     None if attrs is None else np.array(attrs[a:b, 0], np.int32))
+            rd.release_maps()
+        missing = len(self._by_image) - len(out)
+        if missing:
+            log.warning("%d of %d annotated images are not in the tag set %s: they get no tags",
+                        missing, len(self._by_image), self.tags.path)
+        return out
 
     # ---- epoch geometry
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
@@ -466,10 +539,11 @@ class RegionStream(IterableDataset):
                         for rd in once.values():
                             _release(rd)
                     p, pos = chunks[ci]
-                    regions, teacher, tag_classes = loaded[ci][i]
+                    regions, teacher, tag_classes, tag_attrs = loaded[ci][i]
                     rec = self._by_image[regions.image_id][r]
                     item = self.transform(Sample(rec, regions, teacher, tag_classes,
-                                                 (self.seed, epoch, p.index, int(pos[i]), r)))
+                                                 (self.seed, epoch, p.index, int(pos[i]), r),
+                                                 tag_attrs, self.tag_source))
                     item["key"], item["image_id"] = rec.key, rec.image_id
                     yield item
                 emitted += 1
@@ -509,12 +583,22 @@ class RegionStream(IterableDataset):
                         f"the student's (digest {short(tea.box_digest.hex())} ≠ "
                         f"{short(reg.box_digest.hex())}); the sets changed since the run started")
                 tea = _copy_small(tea)
-            if rg is not None:
-                o = rg.offsets
-                tags = np.array(rg.classes[int(o[i]):int(o[i + 1])], dtype=np.int32)
+            attrs = None
+            if self.tag_source == "image":
+                empty = np.zeros(0, np.int32)
+                tags, attrs = self._image_tags.get(reg.image_id,
+                                                   (empty, empty if self.tag_attributes else None))
+            elif rg is not None:
+                a, b = int(rg.offsets[i]), int(rg.offsets[i + 1])
+                tags = np.array(rg.classes[a:b], dtype=np.int32)
+                if self.tag_attributes:
+                    attrs = np.array(rg.extras["attr_ids"][a:b, 0], dtype=np.int32)
             else:
                 tags = reg.classes
-            images[local] = (reg, tea, tags)
+                if self.tag_attributes:
+                    a, b = int(rs.offsets[i]), int(rs.offsets[i + 1])
+                    attrs = np.array(rs.extras["attr_ids"][a:b, 0], dtype=np.int32)
+            images[local] = (reg, tea, tags, attrs)
         return images
 
 

@@ -1,6 +1,8 @@
 """Teacher-vs-student attention maps for one example (what the attention loss makes alike)."""
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import torch
@@ -31,15 +33,14 @@ def attention_figure(teacher_dir: str, student_dir: str, regions: str, teacher_r
     import matplotlib.pyplot as plt
 
     meta = build.read_meta(student_dir)
-    layout = [f"data.{k}={v}" for k, v in meta.items()
-              if k in ("max_text_len", "max_tag_len", "max_regions")]
+    layout = [f"data.{k}={json.dumps(v)}" for k, v in meta.items() if k in build.LAYOUT_KEYS]
     cfg = load_config(None, [f"data.regions={regions}", f"data.teacher_regions={teacher_regions}",
                              f"data.captions={captions}", f"data.split={split}",
                              "task.name=caption", "data.num_workers=0", f"train.seed={seed}",
                              *layout])
     tokenizer = build.resolve_tokenizer(cfg, student_dir)
-    class_names = build.tag_class_names(regions, cfg.data.tag_regions)
-    encoder = build.make_encoder(cfg, tokenizer, class_names)
+    encoder = build.make_encoder(cfg, tokenizer,
+                                 build.tag_names(cfg, regions, vocab=meta.get("tag_vocab")))
     # train=False: the caption is shown as written, nothing masked
     task = build_task(cfg, encoder, train=False)
     records = build.train_records(cfg)

@@ -70,10 +70,15 @@ class TextEncoder:
         max_tag_len: Tag tokens with the closing [SEP] (``split`` layout).
         unique_tags: One tag per distinct class, in first-box order.
         max_seq_len: ``pair`` layout: all tokens of ``[CLS] text [SEP] tags [SEP]``.
+        attribute_names: Names of the attribute ids of "attribute + object" tags (``red
+            car``); empty: tags are object names only.
+        tag_vocab: Class names that may become tags (e.g. the 80 COCO classes); others are
+            left out. None: every class.
     """
 
     def __init__(self, tokenizer, class_names: Sequence[str], max_text_len: int = 40,
-                 max_tag_len: int = 30, unique_tags: bool = False, max_seq_len: int = 128):
+                 max_tag_len: int = 30, unique_tags: bool = False, max_seq_len: int = 128,
+                 attribute_names: Sequence[str] = (), tag_vocab: Sequence[str] | None = None):
         if max_text_len < 3 or max_tag_len < 1 or max_seq_len < 4:
             raise ValueError(f"max_text_len must be >= 3, max_tag_len >= 1 and max_seq_len >= 4, "
                              f"got {max_text_len}, {max_tag_len}, {max_seq_len}")
@@ -91,33 +96,56 @@ class TextEncoder:
         # whitespace first), so each name is tokenised once here.
         self.class_tokens = [tokenizer(str(n).replace("_", " "), add_special_tokens=False)["input_ids"]
                              for n in class_names]
+        self.attribute_tokens = [tokenizer(str(n).replace("_", " "),
+                                           add_special_tokens=False)["input_ids"]
+                                 for n in attribute_names]
+        self.allowed: np.ndarray | None = None
+        if tag_vocab is not None:
+            keep = {str(n).strip().lower() for n in tag_vocab}
+            self.allowed = np.array([str(n).replace("_", " ").strip().lower() in keep
+                                     or str(n).strip().lower() in keep for n in class_names],
+                                    dtype=bool)
 
     def text_ids(self, text: str) -> np.ndarray:
         """``[CLS] tokens [SEP]`` truncated to ``max_text_len``, int64."""
         toks = self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.max_text_len - 2]
         return np.array([self.cls_id, *toks, self.sep_id], dtype=np.int64)
 
-    def _tag_tokens(self, classes: np.ndarray, limit: int) -> list[int]:
-        """The first ``limit`` tokens of the tag sentence of a box class sequence."""
+    def _tag_tokens(self, classes: np.ndarray, limit: int,
+                    attrs: np.ndarray | None = None) -> list[int]:
+        """The first ``limit`` tokens of the tag sentence of a box class sequence (with
+        ``attrs``, each tag is its attribute then its object: "red car")."""
         seq = [int(c) for c in classes]
-        if self.unique_tags:
-            seq = list(dict.fromkeys(seq))
+        at = [-1] * len(seq) if attrs is None or not self.attribute_tokens else \
+            [int(a) for a in attrs]
+        pairs = list(zip(seq, at))
+        if self.unique_tags:  # the first box of each class, in box order
+            seen: set[int] = set()
+            pairs = [(c, a) for c, a in pairs if not (c in seen or seen.add(c))]
         ids: list[int] = []
-        for c in seq:
+        for c, a in pairs:
             if len(ids) >= limit:
                 break
             if not 0 <= c < len(self.class_tokens):
                 raise ValueError(f"box class {c} is outside the tag set's {len(self.class_tokens)} "
                                  "class names")
+            if self.allowed is not None and not self.allowed[c]:
+                continue
+            if a >= 0:
+                if a >= len(self.attribute_tokens):
+                    raise ValueError(f"attribute id {a} is outside the tag set's "
+                                     f"{len(self.attribute_tokens)} attribute names")
+                ids.extend(self.attribute_tokens[a])
             ids.extend(self.class_tokens[c])
         return ids[:limit]
 
-    def tag_ids(self, classes: np.ndarray) -> np.ndarray:
+    def tag_ids(self, classes: np.ndarray, attrs: np.ndarray | None = None) -> np.ndarray:
         """Tag tokens of a box class sequence then ``[SEP]``, truncated to ``max_tag_len``."""
-        ids = self._tag_tokens(classes, self.max_tag_len - 1)
+        ids = self._tag_tokens(classes, self.max_tag_len - 1, attrs)
         return np.array([*ids, self.sep_id], dtype=np.int64)
 
-    def pair_ids(self, text: str, classes: np.ndarray) -> tuple[np.ndarray, int]:
+    def pair_ids(self, text: str, classes: np.ndarray,
+                 attrs: np.ndarray | None = None) -> tuple[np.ndarray, int]:
         """Oscar's VQA input ``[CLS] text [SEP] tags [SEP]`` in at most ``max_seq_len`` tokens.
 
         As ``run_vqa.py`` ``tensorize``: the text and tag tokens are truncated together to
@@ -130,7 +158,7 @@ class TextEncoder:
         a = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         # capping the tags at max_seq_len tokens first truncates the pair as the whole tag
         # sentence would (tests/test_tasks.py compares with Oscar's code)
-        b = self._tag_tokens(classes, self.max_seq_len)
+        b = self._tag_tokens(classes, self.max_seq_len, attrs)
         if b:
             truncate_seq_pair(a, b, self.max_seq_len - 3)
             ids = [self.cls_id, *a, self.sep_id, *b, self.sep_id]
@@ -281,7 +309,7 @@ class Task:
                "boxes": np.asarray(sample.regions.boxes[:n], dtype=np.float32),
                "image_hw": np.asarray(sample.regions.image_hw, dtype=np.float32)}
         if self.layout == "split":
-            out["tag_ids"] = self.enc.tag_ids(sample.tag_classes[:n])
+            out["tag_ids"] = self.enc.tag_ids(*sample.tags(n))
         if sample.teacher is not None:
             out["teacher_features"] = sample.teacher.features[:n]
         return out

@@ -56,7 +56,7 @@ class VQATask(Task):
         if self.layout == "pair":
             n = len(out["boxes"])
             out["text_ids"], out["first_len"] = self.enc.pair_ids(sample.record.text,
-                                                                  sample.tag_classes[:n])
+                                                                  *sample.tags(n))
         else:
             out["text_ids"] = self.enc.text_ids(sample.record.text)
         out["answers"] = sample.record.answers
