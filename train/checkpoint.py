@@ -7,7 +7,9 @@ A checkpoint is ``<run_dir>/checkpoints/step-XXXXXXXX/``::
     optimizer.safetensors           AdamW's per-parameter tensors (exp_avg, exp_avg_sq, step)
     trainer_state.json              data position (step, epoch, batch_in_epoch), the data layout
                                     it is valid for, the optimizer's hyper-parameters and the
-                                    metadata of its tensors, scheduler, AMP scaler, best, config
+                                    metadata of its tensors, scheduler, AMP scaler, best, the
+                                    metric sums of the unfinished logging interval, whether an
+                                    evaluation of this step is still due, config
     rng-rank<r>.safetensors/.json   every rank's RNG states (torch, CUDA, NumPy, Python)
 
 Tensors are safetensors, everything else JSON. A checkpoint is written to a temporary directory
@@ -29,7 +31,8 @@ from .distributed import DistEnv, barrier
 
 __all__ = ["CHECKPOINT_DIR", "STATE_NAME", "ResumeError", "optimizer_to_files",
            "optimizer_from_files", "rng_to_files", "rng_from_files", "find_checkpoint",
-           "write_checkpoint", "write_best", "read_state", "load_checkpoint", "restore_rng"]
+           "latest_checkpoint", "write_checkpoint", "write_best", "read_state", "load_checkpoint",
+           "restore_rng"]
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_NAME = "trainer_state.json"
@@ -189,6 +192,15 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
                           f"directory (with {STATE_NAME}) or a run directory with "
                           f"{CHECKPOINT_DIR}/step-*; start without --resume")
     return steps[-1]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The latest complete checkpoint of a run directory, or None when it has none yet (what
+    ``--resume auto`` resumes from)."""
+    try:
+        return find_checkpoint(run_dir)
+    except ResumeError:
+        return None
 
 
 def read_state(ckpt: str | os.PathLike) -> dict:

@@ -101,8 +101,10 @@ _COMMON_OPTIONS = [
     _key("data.batch_size", "--batch-size"),
     _key("optim.lr", "--lr"),
     _key("train.seed", "--seed"),
-    click.option("--resume", type=click.Path(exists=True),
-                 help="Continue from a checkpoint directory, or the latest in a run directory."),
+    click.option("--resume", metavar="DIR|auto",
+                 help="Continue from a checkpoint directory, or the latest in a run directory. "
+                      "'auto': the latest checkpoint of --output-dir when it has one, else start "
+                      "at step 0 (the rule for requeued jobs: the same command every time)."),
     set_option(),
 ]
 
@@ -156,9 +158,8 @@ def _train(command: str, cfg, resume: str | None) -> None:
         tokenizer = build.resolve_tokenizer(cfg, model_dir)
         answers = build.load_answers(cfg, model_dir) if spec.needs_answers else None
         regions = RegionSet(cfg.data.regions)
-        tags = build.tag_names(cfg, cfg.data.regions)
-        class_names = tags.class_names
-        encoder = build.make_encoder(cfg, tokenizer, tags)
+        class_names = build.tag_class_names(cfg.data.regions, cfg.data.tag_regions)
+        encoder = build.make_encoder(cfg, tokenizer, class_names)
         task = build_task(cfg, encoder, num_answers=len(answers or []))
         records = build.train_records(cfg, answers)
         stream = build.make_stream(cfg, records, task, regions=cfg.data.regions,
@@ -174,7 +175,7 @@ def _train(command: str, cfg, resume: str | None) -> None:
         combiner = build.build_combiner(cfg, model, teacher, tokenizer=tokenizer,
                                         answers=answers)
         module = TrainModule(model, combiner, spec.name, task.seq2seq())
-        meta = build.run_meta(cfg, tokenizer, tags)
+        meta = build.run_meta(cfg, tokenizer, class_names)
         inputs = RunInputs(tokenizer, encoder, task, answers, class_names, meta)
 
         def save_model(directory: Path) -> None:
@@ -198,7 +199,9 @@ def _train(command: str, cfg, resume: str | None) -> None:
         trainer = Trainer(cfg, module, stream, run_dir, env, save_model, teacher=teacher,
                           teacher_task=teacher_task, evaluate=evaluate, eval_metric=metric,
                           name=command)
-        if resume:
+        if resume == "auto":
+            trainer.resume_latest()
+        elif resume:
             trainer.resume(resume)
         log.info("%s: %d samples (%d batches/epoch/rank), %d steps, %d-d regions%s, terms %s",
                  command, stream.num_samples, len(stream), trainer.total_steps,
@@ -218,7 +221,7 @@ def _train(command: str, cfg, resume: str | None) -> None:
 def _check_teacher(cfg, teacher, tokenizer, student) -> None:
     from vlkd.common.regionset import RegionSet
 
-    from .build import LAYOUT_KEYS, read_meta
+    from .build import read_meta
     from .config import ConfigError
     from .tasks import TASKS
     from .tokenizer import vocab_digest
@@ -235,7 +238,8 @@ def _check_teacher(cfg, teacher, tokenizer, student) -> None:
                           "must read the same token ids: pass the teacher's directory as "
                           "--tokenizer")
     d = cfg.data
-    ours = {k: getattr(d, k) for k in LAYOUT_KEYS}
+    ours = {k: getattr(d, k) for k in ("max_text_len", "max_tag_len", "max_seq_len",
+                                       "max_regions", "unique_tags")}
     ours["text_layout"] = TASKS.get(cfg.task.name).layout_for(cfg)
     for key, value in ours.items():
         if key in meta and meta[key] != value:
@@ -358,6 +362,8 @@ def distill(config_path, overrides, resume, **options):
 
 
 def _run_guarded(command: str, cfg, resume) -> None:
+    from vlkd.common.preemption import Stopped
+
     from .stream import AlignmentError
     from .checkpoint import ResumeError
     from .trainer import NonFiniteLossError
@@ -367,6 +373,9 @@ def _run_guarded(command: str, cfg, resume) -> None:
     except NonFiniteLossError as e:
         click.echo(f"vlkd-train {command}: {e}", err=True)
         sys.exit(3)
+    except Stopped as e:  # SIGTERM / SIGINT: checkpoint written, every rank stopped together
+        click.echo(f"vlkd-train {command}: {e}", err=True)
+        sys.exit(e.exit_code)  # 143 / 130
     except (AlignmentError, ResumeError, ValueError, FileNotFoundError, KeyError) as e:
         _fail(e)
 
@@ -421,7 +430,9 @@ def _evaluate(greedy, output_dir, config_path, overrides, options):
                          f"directory {model_dir} records task {meta.get('task')!r})")
     spec = TASKS.get(task)
     # The model's input layout wins over the file and options; --set still wins over it.
-    layout = {f"data.{k}": meta[k] for k in ("text_layout", *build.LAYOUT_KEYS) if k in meta}
+    layout = {f"data.{k}": meta[k] for k in ("text_layout", "max_text_len", "max_tag_len",
+                                             "max_seq_len", "max_regions", "unique_tags")
+              if k in meta}
     if meta and "text_layout" not in meta:  # written before layouts existed: all were split
         layout["data.text_layout"] = "split"
     cfg = _resolve_config(config_path, {**options, "task.name": task, "data.regions": regions,
@@ -433,9 +444,7 @@ def _evaluate(greedy, output_dir, config_path, overrides, options):
     try:
         tokenizer = build.resolve_tokenizer(cfg, model_dir)
         answers = build.load_answers(cfg, model_dir) if spec.needs_answers else None
-        tags = build.tag_names(cfg, regions, vocab=None if cfg.data.tag_vocab
-                               else meta.get("tag_vocab"))
-        class_names = tags.class_names
+        class_names = build.tag_class_names(regions, cfg.data.tag_regions)
         if meta.get("class_names") and meta["class_names"] != class_names:
             # Legitimate in ablations (a teacher evaluated with the student's tags), so a note.
             log.warning("the tags of %s come from %d class names that differ from the %d the "
@@ -445,7 +454,7 @@ def _evaluate(greedy, output_dir, config_path, overrides, options):
         if model.config.region_dim != RegionSet(regions).feature_dim:
             raise ValueError(f"model takes {model.config.region_dim}-d features, {regions} has "
                              f"{RegionSet(regions).feature_dim}-d ones")
-        encoder = build.make_encoder(cfg, tokenizer, tags)
+        encoder = build.make_encoder(cfg, tokenizer, class_names)
         ev_task = build_task(cfg, encoder, train=False, num_answers=len(answers or []))
         records, refs = build.eval_records(cfg, answers)
         stream = build.make_stream(cfg, records, ev_task, regions=regions, shuffle=False,

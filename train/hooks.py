@@ -4,6 +4,10 @@
 optimizer step and ``after_train`` at the end (also after ``train.stop_after``; then
 ``trainer.finished`` is False). Hooks run in list order: metrics, evaluation, checkpoint,
 progress, so that a checkpoint knows the best model of its own step.
+
+When the run stops on a signal (``trainer.stop_signal`` set), ``after_train`` still runs: the
+checkpoint hook writes the stopping step's checkpoint (if that step has none), the evaluation
+hook does not evaluate, the others close what they hold.
 """
 from __future__ import annotations
 
@@ -79,12 +83,20 @@ class CheckpointHook(Hook):
             trainer.save_checkpoint(keep=self.keep)
 
     def after_train(self, trainer):
-        if trainer.finished:
+        if trainer.stop_signal is not None:
+            if trainer.step > trainer.checkpoint_step:  # the stopping step has no checkpoint yet
+                trainer.save_checkpoint(keep=self.keep)
+        elif trainer.finished:
             trainer.save_checkpoint(keep=self.keep)
 
 
 class EvalHook(Hook):
     """Evaluates every ``every`` steps and at the end; keeps the best model in ``best/``.
+
+    An evaluation falls due at a step where the run stops on a signal (checked just before it,
+    so a signal during the step already counts) is not run then: the checkpoint records it as
+    pending, and the resumed run evaluates that step's model first, so it writes the same
+    ``eval/*`` line and keeps the same best model as an uninterrupted run.
 
     Args:
         evaluate: ``model -> {metric: value}`` (runs on every rank, returns the same dict).
@@ -112,12 +124,20 @@ class EvalHook(Hook):
             trainer.best = {"metric": self.metric, "value": float(value), "step": trainer.step}
             trainer.save_best()
 
-    def after_step(self, trainer):
-        if _periodic(self.every, trainer):
+    def before_train(self, trainer):
+        if trainer.pending_eval:  # left by a run stopped at this step
+            trainer.pending_eval = False
             self._run(trainer)
 
+    def after_step(self, trainer):
+        if _periodic(self.every, trainer):
+            if trainer.stop_requested():
+                trainer.pending_eval = True
+            else:
+                self._run(trainer)
+
     def after_train(self, trainer):
-        if trainer.finished:
+        if trainer.finished and trainer.stop_signal is None:
             self._run(trainer)
 
 

@@ -17,6 +17,16 @@ to within one sample; when a rank has one batch fewer than another (the last, pa
 repeats its previous batch with the loss scaled by 0 so that gradient all-reduces and the KD
 queue's gather stay matched, and the real ranks' losses are scaled by world / #real so that the
 averaged gradient is the mean over real batches.
+
+Stopping on SIGTERM / SIGINT (preemption): during :meth:`Trainer.train` the two signals only
+set a flag. Before every optimizer step (and once after the last) all ranks agree on the flags
+with one all-reduce; when any rank got a signal, every rank stops at that step boundary: the
+steps so far are complete (never half-accumulated), a checkpoint of the last one is written,
+the DataLoader workers (started with the two signals blocked) are shut down, and
+:class:`~vlkd.common.preemption.Stopped` is raised; ``vlkd-train`` exits with 128 + the signal.
+An evaluation that falls on the stopping step is left for the resumed run, which runs it first.
+Time from the signal to the exit: at most the rest of one step plus the hooks of that step
+(docs/TRAIN.md, "Resuming, stopping").
 """
 from __future__ import annotations
 
@@ -25,6 +35,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -35,11 +46,13 @@ import torch.distributed as dist
 from torch import nn
 
 from vlkd.common.config import to_dict
+from vlkd.common.preemption import Stopped
 
-from .checkpoint import (ResumeError, find_checkpoint, load_checkpoint, read_state, restore_rng,
-                         write_best, write_checkpoint)
+from .checkpoint import (CHECKPOINT_DIR, ResumeError, find_checkpoint, latest_checkpoint,
+                         load_checkpoint, read_state, restore_rng, write_best, write_checkpoint)
 from .config import RunConfig
-from .distributed import DistEnv, amp_dtype, barrier
+from .distributed import (DistEnv, TrainStopSignals, agree_stop, amp_dtype, barrier,
+                          quiet_children)
 from .hooks import CheckpointHook, EvalHook, Hook, MetricsHook, ProgressHook
 from .stream import RegionStream, make_loader
 from .tasks import model_inputs, to_device
@@ -172,6 +185,13 @@ class Trainer:
         self.best: dict | None = None
         self.finished = False
         self.last_loss: float | None = None
+        # Stopping: the agreed signal (None: none yet), the step of the latest checkpoint, and
+        # whether the evaluation of this step was left for the resumed run.
+        self.stop_signal: int | None = None
+        self.checkpoint_step = 0
+        self.pending_eval = False
+        self._signals: TrainStopSignals | None = None
+        self._stop_seen: float | None = None
         # Fixed keys: every rank all-reduces the same vector, even one with no real batch.
         self._terms = [n for n, w in module.combiner.weights.items() if w != 0]
         self._interval: dict[str, float] = {}
@@ -245,54 +265,97 @@ class Trainer:
 
     # ---- the loop
     def train(self) -> None:
-        """Runs until ``total_steps`` (or ``train.stop_after``)."""
+        """Runs until ``total_steps`` (or ``train.stop_after``).
+
+        Raises:
+            Stopped: A rank got SIGTERM or SIGINT; every rank stopped at the same step boundary
+                after writing a checkpoint of that step (see the module docstring).
+        """
         self.module.train()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.finished = self.step >= self.total_steps  # resumed from the last checkpoint
-        for h in self.hooks:
-            h.before_train(self)
-        batches = self._batches()
         stop_after = self.cfg.train.stop_after
-        try:
-            while self.step < self.total_steps:
-                group = self._group_size()
-                finite = True
-                bad_terms: dict = {}
-                step_keys: list[str] = []
-                for j in range(group):
-                    batch, real, num_real = next(batches)
-                    scale = (self.env.world_size / num_real if real else 0.0) / group
-                    total, terms = self._forward_backward(batch, scale, sync=j == group - 1)
-                    if real:
-                        finite = finite and bool(torch.isfinite(total))
-                        if not bool(torch.isfinite(total)):
-                            bad_terms = {k: float(v) for k, v in terms.items()}
-                        self._accumulate(total, terms, len(batch["keys"]))
-                        step_keys.extend(batch["keys"])
-                if not self._all_finite(torch.tensor(0.0 if finite else float("nan"))):
-                    self._stop_non_finite(bad_terms)
-                if self.cfg.optim.max_grad_norm > 0:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.module.parameters(),
-                                                   self.cfg.optim.max_grad_norm)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scheduler.step()
-                self.step += 1
-                self.finished = self.step >= self.total_steps
-                if self.cfg.train.log_samples:
-                    self._log_samples(step_keys)
-                for h in self.hooks:
-                    h.after_step(self)
-                if stop_after and self.step >= stop_after and not self.finished:
-                    log.warning("train.stop_after=%d reached: stopping without a final checkpoint",
-                                stop_after)
-                    break
-        finally:
-            batches.close()
-        for h in self.hooks:
-            h.after_train(self)
+        received_at = None
+        with TrainStopSignals() as self._signals, quiet_children():
+            for h in self.hooks:
+                h.before_train(self)
+            batches = self._batches()
+            try:
+                while not self.stop_requested() and self.step < self.total_steps:
+                    self._optimizer_step(batches)
+                    for h in self.hooks:
+                        h.after_step(self)
+                    if stop_after and self.step >= stop_after and not self.finished:
+                        log.warning("train.stop_after=%d reached: stopping without a final "
+                                    "checkpoint", stop_after)
+                        break
+            finally:
+                batches.close()  # shuts the DataLoader workers down
+            for h in self.hooks:
+                h.after_train(self)
+            received_at = self._signals.received_at
+        self._signals = None
+        if self.stop_signal is not None:
+            raise self._stopped(received_at)
+
+    def _optimizer_step(self, batches: Iterator[tuple[dict, bool, int]]) -> None:
+        """One optimizer step: its micro-batches, the NaN/Inf check, clipping, AdamW, schedule."""
+        group = self._group_size()
+        finite = True
+        bad_terms: dict = {}
+        step_keys: list[str] = []
+        for j in range(group):
+            batch, real, num_real = next(batches)
+            scale = (self.env.world_size / num_real if real else 0.0) / group
+            total, terms = self._forward_backward(batch, scale, sync=j == group - 1)
+            if real:
+                finite = finite and bool(torch.isfinite(total))
+                if not bool(torch.isfinite(total)):
+                    bad_terms = {k: float(v) for k, v in terms.items()}
+                self._accumulate(total, terms, len(batch["keys"]))
+                step_keys.extend(batch["keys"])
+        if not self._all_finite(torch.tensor(0.0 if finite else float("nan"))):
+            self._stop_non_finite(bad_terms)
+        if self.cfg.optim.max_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        self.finished = self.step >= self.total_steps
+        if self.cfg.train.log_samples:
+            self._log_samples(step_keys)
+
+    # ---- stopping
+    def stop_requested(self) -> bool:
+        """Whether every rank stops at this step boundary (a collective: every rank calls it at
+        the same points; one all-reduce until it first returns True, then no more).
+
+        True once any rank got SIGTERM or SIGINT inside :meth:`train`; ``stop_signal`` is then
+        the agreed signal on every rank.
+        """
+        if self.stop_signal is None:
+            local = self._signals.requested if self._signals is not None else None
+            agreed = agree_stop(local, self.env)
+            if agreed:
+                self.stop_signal, self._stop_seen = agreed, time.monotonic()
+                if self.env.is_main:
+                    log.warning("%s%s: stopping after step %d (checkpoint, then exit %d)",
+                                signal.Signals(agreed).name,
+                                "" if local else " on another rank", self.step, 128 + agreed)
+        return self.stop_signal is not None
+
+    def _stopped(self, received_at: float | None) -> Stopped:
+        seconds = time.monotonic() - (received_at or self._stop_seen or time.monotonic())
+        ckpt = (f"checkpoint {self.run_dir / CHECKPOINT_DIR / f'step-{self.step:08d}'}"
+                if self.step else "no step was trained")
+        where = (f"after step {self.step} of {self.total_steps} ({ckpt}; resume with --resume "
+                 f"auto or --resume {self.run_dir})")
+        if self.env.is_main:
+            log.warning("stopped %.2f s after the signal: %s", seconds, ckpt)
+        return Stopped(self.stop_signal, where, seconds)
 
     def _stop_non_finite(self, terms: dict) -> None:
         last = None
@@ -321,8 +384,8 @@ class Trainer:
         self._interval_samples += samples
         self.last_loss = float(total)
 
-    def pop_interval_metrics(self) -> dict:
-        """Mean loss and terms per micro-batch since the last call, over all ranks."""
+    def _interval_totals(self) -> dict:
+        """The interval's sums over all ranks (a collective): ``{"sums", "n", "samples"}``."""
         keys = sorted(self._interval)
         vals = torch.tensor([self._interval[k] for k in keys] + [self._interval_n,
                                                                  self._interval_samples],
@@ -331,9 +394,15 @@ class Trainer:
             vals = vals.to(self.env.device)
             dist.all_reduce(vals)
             vals = vals.cpu()
-        n = float(vals[-2])
-        rec = {k: float(vals[i]) / n for i, k in enumerate(keys)} if n else {}
-        rec["samples"] = int(vals[-1])
+        return {"sums": {k: float(vals[i]) for i, k in enumerate(keys)}, "n": int(vals[-2]),
+                "samples": int(vals[-1])}
+
+    def pop_interval_metrics(self) -> dict:
+        """Mean loss and terms per micro-batch since the last call, over all ranks."""
+        tot = self._interval_totals()
+        n = tot["n"]
+        rec = {k: v / n for k, v in tot["sums"].items()} if n else {}
+        rec["samples"] = tot["samples"]
         rec["lr"] = float(self.scheduler.get_last_lr()[0])
         self._reset_interval()
         return rec
@@ -361,13 +430,18 @@ class Trainer:
 
     def save_checkpoint(self, keep: int = 2) -> Path:
         """Writes ``checkpoints/step-XXXXXXXX`` (:func:`~vlkd.train.checkpoint.write_checkpoint`)."""
+        # The unfinished logging interval travels too, so that a checkpoint between two metric
+        # lines (a stop on SIGTERM) resumes to the same next line.
         state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                  "data": self._data_layout(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict(), "best": self.best,
+                 "interval": self._interval_totals(), "pending_eval": self.pending_eval,
                  "config": to_dict(self.cfg)}
-        return write_checkpoint(self.run_dir, self.step, self.env, save_model=self.save_model_fn,
+        path = write_checkpoint(self.run_dir, self.step, self.env, save_model=self.save_model_fn,
                                 losses=self.module.combiner.state_dict(),
                                 optimizer=self.optimizer, state=state, keep=keep)
+        self.checkpoint_step = self.step
+        return path
 
     def save_best(self) -> None:
         """Replaces ``best/`` with the current model (rank 0)."""
@@ -394,11 +468,28 @@ class Trainer:
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
         self.best = state.get("best")
+        self.checkpoint_step, self.pending_eval = self.step, bool(state.get("pending_eval"))
+        interval = state.get("interval")
+        if interval and self.env.is_main:  # the other ranks' shares are in rank 0's sums
+            self._interval.update({k: v for k, v in interval["sums"].items()
+                                   if k in self._interval})
+            self._interval_n, self._interval_samples = interval["n"], interval["samples"]
         self._truncate_logs()
         barrier(self.env)
         log.info("resumed from %s (step %d, epoch %d, batch %d)", ckpt, self.step, self.epoch,
                  self.batch_in_epoch)
         return ckpt
+
+    def resume_latest(self) -> Path | None:
+        """``--resume auto``: :meth:`resume` from the latest checkpoint of the run directory, or,
+        when it has none yet, start at step 0 and drop the lines an earlier attempt logged."""
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is not None:
+            return self.resume(ckpt)
+        self._truncate_logs()
+        barrier(self.env)
+        log.info("no checkpoint in %s yet: starting at step 0", self.run_dir)
+        return None
 
     def _samples_path(self) -> Path:
         return self.run_dir / "samples" / f"rank{self.env.rank}.jsonl"
