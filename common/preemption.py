@@ -53,6 +53,12 @@ class StopSignals:
     Handlers are installed only in the main thread of the process (elsewhere the context is a
     no-op that never requests a stop) and restored on exit.
 
+    Args:
+        second_sigint_stops_now: a SIGINT after a request raises ``KeyboardInterrupt`` (a
+            second Ctrl-C). Pass a callable returning False where repeated signals are
+            expected (under torchrun, which forwards the terminal's Ctrl-C to ranks that got
+            it already).
+
     Attributes:
         requested: the signal number once one came, else None.
         received_at: ``time.monotonic()`` of that signal.
@@ -60,14 +66,18 @@ class StopSignals:
 
     signals = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, second_sigint_stops_now=True):
         self.requested: int | None = None
         self.received_at: float | None = None
         self._old: dict[int, object] = {}
+        self._second_stops = second_sigint_stops_now
 
     def _handle(self, signum, frame) -> None:
         if self.requested is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+            now = self._second_stops() if callable(self._second_stops) else self._second_stops
+            if now:
+                raise KeyboardInterrupt  # the second Ctrl-C: stop now
+            return
         if self.requested is None:
             self.requested, self.received_at = int(signum), time.monotonic()
 

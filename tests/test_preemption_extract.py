@@ -127,3 +127,53 @@ def test_stop_signals_turn_into_a_request_and_restore_the_handlers():
         os.kill(os.getpid(), signal.SIGINT)
         with pytest.raises(KeyboardInterrupt):  # Ctrl-C twice: at once
             os.kill(os.getpid(), signal.SIGINT)
+
+
+# ---------------------------------------------------------------------- cluster templates
+def test_slurm_extract_template_forwards_sigterm_and_requeues_the_task(tmp_path):
+    """The array-task script asks for SIGTERM before the time limit on the batch shell
+    (``B:``), passes it to srun and requeues the task once the job stopped (exit 143): run
+    with a fake srun (a job that exits 143 on SIGTERM, like vlkd-extract) and scontrol."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "scripts" / "cluster" / "slurm_extract.sh"
+    text = script.read_text()
+    assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:TERM@120" in text
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "srun").write_text("#!/usr/bin/env bash\necho \"srun $*\" >> \"$LOG\"\n"
+                               "trap 'echo srun-got-TERM >> \"$LOG\"; exit 143' TERM\n"
+                               "while true; do sleep 0.05; done\n")
+    (bin_ / "scontrol").write_text("#!/usr/bin/env bash\necho \"scontrol $*\" >> \"$LOG\"\n")
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    log = tmp_path / "log.txt"
+    env = dict(os.environ, PATH=f"{bin_}:{os.environ['PATH']}", LOG=str(log), IMAGES="/i",
+               DET_CONFIG="/c", DET_WEIGHTS="/w", OUT="/o", SLURM_ARRAY_TASK_ID="7",
+               SLURM_ARRAY_JOB_ID="1234", SLURM_JOB_ID="1241", VLKD_IMAGE="")
+    proc = subprocess.Popen(["bash", str(script), "proposals"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    t0 = time.monotonic()
+    while not (log.exists() and "srun" in log.read_text()) and time.monotonic() - t0 < 20:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=30)[0].decode()
+    lines = log.read_text().splitlines()
+    assert proc.returncode == 143, out
+    assert lines[0].startswith("srun vlkd-extract proposals ") and "--shard-index 7" in lines[0]
+    assert lines[1:] == ["srun-got-TERM", "scontrol requeue 1234_7"], (lines, out)
+
+
+def test_k8s_extract_template_grace_period_and_disruption_retries():
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    job = yaml.safe_load((root / "scripts/cluster/k8s_extract_indexed_job.yaml").read_text())
+    spec = job["spec"]
+    assert spec["template"]["spec"]["terminationGracePeriodSeconds"] >= 30
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"
+    rule = spec["podFailurePolicy"]["rules"][0]
+    assert rule["action"] == "Ignore" and rule["onPodConditions"] == [{"type": "DisruptionTarget"}]

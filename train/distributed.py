@@ -128,10 +128,8 @@ class TrainStopSignals(StopSignals):
     the first request; elsewhere a second Ctrl-C raises ``KeyboardInterrupt`` at once.
     """
 
-    def _handle(self, signum, frame) -> None:
-        if self.requested is not None and under_torchrun():
-            return
-        super()._handle(signum, frame)
+    def __init__(self):
+        super().__init__(second_sigint_stops_now=lambda: not under_torchrun())
 
 
 def agree_stop(local_signum: int | None, env: DistEnv) -> int:

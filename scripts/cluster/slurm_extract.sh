@@ -15,13 +15,24 @@
 #   OUT         output region set (shared filesystem)
 #   NUM_SHARDS  must equal the array size (and, for teacher-features, the proposals' shard count)
 #   VLKD_IMAGE  container image (Apptainer/Enroot); leave empty to use vlkd from the environment
+#
+# Preemption and the time limit (docs/CLUSTER.md, "Preemption"):
+# - `--requeue`: a task preempted or hit by a node failure goes back to the queue and resumes
+#   its shard after the last committed window.
+# - `--signal=B:TERM@120`: 120 s before the time limit SIGTERM goes to this batch shell (`B:`),
+#   which forwards it to srun; vlkd-extract finishes and commits the window it is computing
+#   and exits 143 (seconds at GPU speeds: docs/EXTRACT.md, "Preemption"), then the shell
+#   requeues the task. On preemption SLURM itself sends SIGTERM to the step's processes, and
+#   SIGKILL after the partition's GraceTime (ask the administrators for >= 60 s).
 #SBATCH --job-name=vlkd-extract
 #SBATCH --gres=gpu:1
 #SBATCH --cpus-per-task=8
 #SBATCH --mem=32G
 #SBATCH --time=04:00:00
 #SBATCH --output=logs/%x-%A_%a.out
+#SBATCH --open-mode=append
 #SBATCH --requeue
+#SBATCH --signal=B:TERM@120
 set -euo pipefail
 STEP="${1:?usage: slurm_extract.sh proposals|teacher-features}"
 : "${IMAGES:?set IMAGES}" "${DET_CONFIG:?set DET_CONFIG}" "${DET_WEIGHTS:?set DET_WEIGHTS}" "${OUT:?set OUT}"
@@ -36,7 +47,30 @@ case "$STEP" in
   *) echo "unknown step $STEP (proposals|teacher-features)" >&2; exit 2 ;;
 esac
 if [ -n "${VLKD_IMAGE:-}" ]; then
-  exec srun apptainer exec --nv --bind "${BIND:-/data,/weights,/out}" "$VLKD_IMAGE" vlkd-extract "${ARGS[@]}"
+  RUN=(apptainer exec --nv --bind "${BIND:-/data,/weights,/out}" "$VLKD_IMAGE" vlkd-extract)
 else
-  exec srun vlkd-extract "${ARGS[@]}"
+  RUN=(vlkd-extract)
 fi
+TASK="${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+stopping=0
+forward_term() {
+  stopping=1
+  echo "SIGTERM: shard ${SLURM_ARRAY_TASK_ID} stops at its next window boundary"
+  kill -TERM "$SRUN_PID" 2>/dev/null || true
+}
+trap forward_term TERM
+srun "${RUN[@]}" "${ARGS[@]}" &
+SRUN_PID=$!
+# `wait` returns early when the trap runs; wait again for the window's commit and the exit.
+rc=0
+wait "$SRUN_PID" || rc=$?
+while kill -0 "$SRUN_PID" 2>/dev/null; do
+  rc=0
+  wait "$SRUN_PID" || rc=$?
+done
+if [ "$stopping" = 1 ]; then
+  echo "stopped at a window boundary (exit $rc): requeueing task $TASK"
+  scontrol requeue "$TASK" || true   # already requeued when it was a preemption
+  exit 143
+fi
+exit "$rc"
