@@ -14,6 +14,18 @@ import torch
 
 from extract_fixtures import DETECTOR_CONFIGS, make_images, read_shards, tiny_weights  # noqa: F401
 from extract_fixtures import invoke_extract as invoke
+
+
+@pytest.fixture(autouse=True)
+def _forget_loaded_plugins():
+    """A plugin imported by one test must not reach the configs of later tests (its
+    add_config hook adds keys to every detector config built in the process)."""
+    from vlkd.extract import plugins
+
+    before = dict(plugins._loaded)
+    yield
+    plugins._loaded.clear()
+    plugins._loaded.update(before)
 from vlkd.common.manifest import read_manifest
 from vlkd.common.regionset import RegionSet
 from vlkd.common.validate import validate_region_set
