@@ -23,8 +23,8 @@ from .distributed import DistEnv
 from .stream import RegionStream, make_loader
 from .tasks import TASKS, model_inputs, to_device
 
-__all__ = ["predict_captions", "predict_vqa", "gather_dict", "score_predictions",
-           "write_predictions", "make_eval_fn"]
+__all__ = ["predict_captions", "predict_vqa", "caption_batch", "vqa_logits", "gather_dict",
+           "score_predictions", "write_predictions", "make_eval_fn"]
 
 
 def gather_dict(d: dict, env: DistEnv) -> dict:
@@ -55,19 +55,30 @@ def predict_captions(model, stream: RegionStream, tokenizer, *, device: torch.de
     """
     was_training = model.training
     model.eval()
-    vocab = tokenizer.get_vocab()
     preds: dict[str, str] = {}
     stream.set_epoch(0)
     for batch in make_loader(stream):
-        b = to_device(batch, device)
-        with _autocast(device, amp):
-            seqs = generate_captions(model, b, cls_id=vocab["[CLS]"], sep_id=vocab["[SEP]"],
-                                     mask_id=vocab["[MASK]"], max_len=max_len,
-                                     beam_size=beam_size, max_text_len=max_text_len)
-        for iid, seq in zip(batch["image_ids"], seqs):
-            preds[iid] = tokenizer.decode(seq, skip_special_tokens=True).strip()
+        texts = caption_batch(model, batch, tokenizer, device=device, amp=amp,
+                              beam_size=beam_size, max_len=max_len, max_text_len=max_text_len)
+        preds.update(zip(batch["image_ids"], texts))
     model.train(was_training)
     return gather_dict(preds, env) if env is not None else preds
+
+
+@torch.no_grad()
+def caption_batch(model, batch: dict, tokenizer, *, device: torch.device,
+                  amp: torch.dtype | None = None, beam_size: int = 5, max_len: int = 20,
+                  max_text_len: int = 40) -> list[str]:
+    """The captions of one collated ``CaptionTask(train=False)`` batch (model in eval mode),
+    in batch order: beam search (:func:`~vlkd.train.decode.generate_captions`), decoded
+    without special tokens."""
+    vocab = tokenizer.get_vocab()
+    b = to_device(batch, device)
+    with _autocast(device, amp):
+        seqs = generate_captions(model, b, cls_id=vocab["[CLS]"], sep_id=vocab["[SEP]"],
+                                 mask_id=vocab["[MASK]"], max_len=max_len,
+                                 beam_size=beam_size, max_text_len=max_text_len)
+    return [tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in seqs]
 
 
 @torch.no_grad()
@@ -79,14 +90,22 @@ def predict_vqa(model, stream: RegionStream, answers: list[str], *, device: torc
     preds: dict[int, str] = {}
     stream.set_epoch(0)
     for batch in make_loader(stream):
-        b = to_device(batch, device)
-        inputs = model_inputs(b, model.config.geometry_dim, seq2seq=False)
-        with _autocast(device, amp):
-            out = model(inputs, task="vqa", output_hidden_states=False, output_attentions=False)
-        for key, idx in zip(batch["keys"], out.vqa_logits.argmax(-1).tolist()):
+        logits = vqa_logits(model, batch, device=device, amp=amp)
+        for key, idx in zip(batch["keys"], logits.argmax(-1).tolist()):
             preds[int(key)] = answers[idx]
     model.train(was_training)
     return gather_dict(preds, env) if env is not None else preds
+
+
+@torch.no_grad()
+def vqa_logits(model, batch: dict, *, device: torch.device,
+               amp: torch.dtype | None = None) -> torch.Tensor:
+    """``(B, A)`` answer logits of one collated VQA batch (model in eval mode), float32."""
+    b = to_device(batch, device)
+    inputs = model_inputs(b, model.config.geometry_dim, seq2seq=False)
+    with _autocast(device, amp):
+        out = model(inputs, task="vqa", output_hidden_states=False, output_attentions=False)
+    return out.vqa_logits.float()
 
 
 def score_predictions(task: str, predictions: dict, references: Any, cfg) -> dict:
