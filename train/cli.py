@@ -404,7 +404,8 @@ def evaluate(greedy, output_dir, config_path, overrides, **options):
     """Predict and score: captions (beam search → pycocoevalcap) or VQA (official accuracy).
 
     Writes predictions (COCO caption results / official VQA results format), scores.json and
-    the resolved config.yaml.
+    the resolved config.yaml. Without references (no --captions: every image of --regions; no
+    --vqa-annotations) it writes the predictions only, e.g. for nocaps or VQA test-dev.
     """
     from .stream import AlignmentError
 
@@ -470,6 +471,10 @@ def _evaluate(greedy, output_dir, config_path, overrides, options):
             save(cfg, out)
             pred_path = write_predictions(task, preds, out / f"predictions_{task}.json")
             scores = score_predictions(task, preds, refs, cfg)
+            if refs is None:  # nocaps, test-dev: the results file is what there is to submit
+                scores.setdefault("notes", []).append(
+                    f"predictions only: no references given (--captions / --vqa-annotations); "
+                    f"{pred_path.name} is in the evaluation server's results format")
             scores = {"task": task, "model": str(model_dir), "regions": str(regions),
                       "num_predictions": len(preds), "beam_size": cfg.eval.beam_size,
                       # inference cost: parameters, and wall time per sample (reading,

@@ -11,6 +11,7 @@ Records: one per caption of ``data.captions`` (Karpathy ``dataset_coco.json`` fi
 ``eval.split``, references = its captions; predictions by beam search
 (:func:`vlkd.train.evaluation.predict_captions`), BLEU-1..4, METEOR, ROUGE-L, CIDEr (the best
 checkpoint's metric) and SPICE when available; results in the COCO caption results format.
+Without a caption file, every image of the evaluated set is captioned and nothing is scored.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from vlkd.common.config import ConfigError
+from vlkd.common.regionset import RegionSet
 from vlkd.data.captions import AnnotationError, captions_by_image, load_captions
 
 from ..stream import Record, Sample
@@ -88,11 +90,18 @@ class CaptionTask(Task):
 
     @classmethod
     def eval_records(cls, cfg, answers=None):
-        """One record per image and ``{image id: reference captions}``."""
+        """One record per image and ``{image id: reference captions}``; without a caption file,
+        every image of the evaluated set and None (predictions only: nocaps, test splits)."""
         e = cfg.eval
         path = e.captions or cfg.data.captions
         if not path:
-            raise ConfigError("caption evaluation needs eval.captions (--captions FILE)")
+            regions = e.regions or cfg.data.regions
+            if not regions:
+                raise ConfigError("caption evaluation needs eval.captions (--captions FILE) or, "
+                                  "for predictions only, eval.regions (--regions SET)")
+            ids = sorted(i for shard in RegionSet(regions).shards for i in shard.image_ids)
+            ids = ids[:e.max_samples] if e.max_samples else ids
+            return [Record(i, i) for i in ids], None
         refs = captions_by_image(_load_caption_split(path, e.split))
         ids = sorted(refs)[:e.max_samples] if e.max_samples else sorted(refs)
         return [Record(i, i) for i in ids], {i: refs[i] for i in ids}
@@ -107,6 +116,8 @@ class CaptionTask(Task):
 
     @classmethod
     def score(cls, predictions, references, cfg):
+        if references is None:
+            return {}
         from ..metrics import caption_scores
 
         flag = {"auto": None, "true": True, "false": False}.get(str(cfg.eval.spice).lower())
