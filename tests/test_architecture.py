@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"common": "vlkd.common", "data": "vlkd.data", "extract": "vlkd.extract",
-            "train": "vlkd.train", "demo": "vlkd.demo"}
+            "train": "vlkd.train", "infer": "vlkd.infer", "demo": "vlkd.demo"}
 STDLIB = set(sys.stdlib_module_names)
 #: package -> the vlkd packages it may import, and the third-party distributions it may use.
 RULES = {
@@ -21,6 +21,9 @@ RULES = {
                                                               "matplotlib", "PIL", "omegaconf"}),
     "vlkd.extract": ({"vlkd.common", "vlkd.data", "vlkd.extract"}, None),
     "vlkd.train": ({"vlkd.common", "vlkd.data", "vlkd.train"}, None),
+    # the one package that runs both phases' models together (through their public APIs)
+    "vlkd.infer": ({"vlkd.common", "vlkd.data", "vlkd.extract", "vlkd.train", "vlkd.infer"},
+                   None),
 }
 
 

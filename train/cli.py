@@ -33,6 +33,7 @@ def main() -> None:
     finetune     one model, one task, no teacher (teacher adaptation, student baseline)
     distill      student trained with task loss + attention / hidden-state KD from a teacher
     evaluate     captioning (pycocoevalcap) and VQA (official accuracy)
+    export       detector + model -> pipeline bundle for vlkd-infer
     build-vocab  train a BERT WordPiece vocabulary from annotation files
     losses       the loss types, their params and defaults, each task's default terms
     """
@@ -548,3 +549,30 @@ def show_attention(teacher, student, student_regions, teacher_regions, captions,
     except (ValueError, FileNotFoundError, KeyError) as e:
         _fail(e)
     click.echo(f"image {info['image_id']}: attention MSE {info['mse']:.3e} -> {out}")
+
+
+# ------------------------------------------------------------------------------------ export
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+              add_help_option=False)
+@click.pass_context
+def export(ctx):
+    """Write a pipeline bundle (detector + VL model + tokenizer + answers + README card) for
+    vlkd-infer: --detector DIR --model DIR --out BUNDLE (--help for every option).
+
+    It runs `vlkd-infer export` with the same arguments in a child process: the bundle is the
+    one place both phases' models meet, and phase two never imports phase one
+    (docs/ARCHITECTURE.md).
+    """
+    import subprocess
+
+    child = ("import sys; from vlkd.infer.cli import main; "
+             "main(['export', *sys.argv[1:]], prog_name='vlkd-train')")
+    res = subprocess.run([sys.executable, "-c", child, *ctx.args], capture_output=True,
+                         text=True)
+    click.echo(res.stdout, nl=False)
+    click.echo(res.stderr, nl=False, err=True)
+    sys.exit(res.returncode)
+
+
+if __name__ == "__main__":
+    main()
