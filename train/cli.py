@@ -524,9 +524,6 @@ def build_vocab_cmd(files, out, vocab_size, min_frequency, region_sets, cased):
     click.echo(f"wrote {out}: {len(tok)} tokens")
 
 
-if __name__ == "__main__":
-    main()
-
 
 # --------------------------------------------------------------------------------- attention
 @main.command("show-attention")
