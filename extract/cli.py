@@ -22,6 +22,7 @@ from .options import (BACKENDS, BOX_SELECTION_RULES, FEATURE_DTYPES, LOG_FORMATS
                       PRECISION_NAMES, TRAIN_DETECTOR_CONFIG_FILE, ProposalsConfig,
                       TeacherConfig, TrainDetectorOptions)
 
+from .options import TSV_FORMATS, ImportTsvConfig
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--plugin", "plugins", multiple=True, metavar="MODULE",
@@ -36,6 +37,7 @@ def main(plugins) -> None:
     \b
     proposals         student detector -> boxes + student features
     teacher-features  teacher features pooled over the student's boxes (VTA)
+    import-tsv        Oscar/VinVL, BUTD or SGB TSV features -> a region set
     validate          check a region set (and its alignment with proposals)
     inspect           summarise a set, draw boxes on an image
     status            which shards are complete, running, partial or missing
@@ -216,6 +218,67 @@ def teacher_features_cmd(job_config, overrides, **kwargs) -> None:
         raise click.ClickException(str(e)) from None
     except Stopped as e:
         _stopped("teacher-features", e)
+
+
+# -------------------------------------------------------------------------------- import-tsv
+
+def _it(key, *flags, **kw):
+    return option(ImportTsvConfig, key, *flags, **kw)
+
+
+@main.command("import-tsv")
+@_it("format", "--format", type=click.Choice(TSV_FORMATS))
+@_it("features", "--features", type=click.Path(exists=True, dir_okay=False))
+@_it("labels", "--labels", type=click.Path(exists=True, dir_okay=False))
+@_it("hw", "--hw", type=click.Path(exists=True, dir_okay=False))
+@_it("out", "--out", type=click.Path(file_okay=False))
+@_it("labelmap", "--labelmap", type=click.Path(exists=True, dir_okay=False))
+@_it("attribute_names", "--attribute-names", type=click.Path(exists=True, dir_okay=False))
+@_it("attributes", "--attributes", type=click.IntRange(min=0))
+@_it("feature_dim", "--feature-dim", type=click.IntRange(min=1))
+@_it("tsv_dtype", "--tsv-dtype", type=click.Choice(("auto", *FEATURE_DTYPES)))
+@_it("geometry", "--geometry", type=click.Choice(("auto", "0", "4", "6")))
+@_it("num_shards", "--num-shards", type=click.IntRange(min=1))
+@_it("shard_index", "--shard-index")
+@_it("backend", "--backend", type=click.Choice(BACKENDS))
+@_it("feature_dtype", "--feature-dtype", type=click.Choice(FEATURE_DTYPES))
+@_it("max_failures", "--max-failures")
+@_it("num_workers", "--num-workers", type=click.IntRange(min=0))
+@_it("window", "--commit-every", type=click.IntRange(min=1))
+@_it("log_format", "--log-format", type=click.Choice(LOG_FORMATS))
+@_it("progress", "--no-progress")
+@_job_config_option
+@set_option()
+def import_tsv_cmd(job_config, overrides, **kwargs) -> None:
+    """Import Oscar/VinVL, BUTD/LXMERT or scene_graph_benchmark TSV features as a region set.
+
+    \b
+    vinvl: --features feature.tsv --labels label.tsv [--hw hw.tsv]
+    butd:  --features trainval.tsv (BUTD or LXMERT fields)
+    sgb:   --features predictions.tsv --hw hw.tsv
+
+    The set has role proposals: vlkd-train streams it, teacher-features pools over its boxes.
+    Rows that cannot be used are failures in the manifest; what was found and done beyond the
+    plain case is in SET/import-warnings/. Exit status: 0 done; 1 refused (the message says
+    why); 3 more rows failed than --max-failures allows (the set is still written); 143 / 130
+    stopped by SIGTERM / SIGINT at a window boundary (re-run the same command to resume).
+    """
+    cfg = _load(ImportTsvConfig, job_config, overrides, kwargs)
+    from vlkd.common.regionset import RegionSetError
+    from vlkd.extract.import_tsv import ImportTsvError, run_import_tsv
+
+    try:
+        result = run_import_tsv(cfg)
+    except (ImportTsvError, RegionSetError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    except Stopped as e:
+        _stopped("import-tsv", e)
+    if result.failures_exceeded:
+        click.echo(f"vlkd-extract import-tsv: {result.num_failures} of {result.num_images} "
+                   f"rows failed, more than --max-failures {cfg.max_failures} allows "
+                   f"({result.limit.allowed(result.num_images):.4g}); the reasons are in "
+                   f"{cfg.out}/manifest.json 'failures'", err=True)
+        raise SystemExit(3)
 
 
 # ----------------------------------------------------------------------------- train-detector

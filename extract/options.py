@@ -245,3 +245,90 @@ __all__ = ["BACKENDS", "FEATURE_DTYPES", "PRECISION_NAMES", "LOG_FORMATS", "PER_
            "SET_CONFIG_FILE", "TRAIN_DETECTOR_CONFIG_FILE", "BOX_SELECTION_RULES", "BoxSelection",
            "AttributeOptions", "JobOptions",
            "ProposalsConfig", "TeacherConfig", "TrainDetectorOptions"]
+
+
+# ------------------------------------------------------------------ import-tsv, export-tsv
+
+#: The TSV layouts ``import-tsv --format`` reads (docs/EXTRACT.md, "Importing TSV features").
+TSV_FORMATS = ("vinvl", "butd", "sgb")
+
+
+@dataclass(kw_only=True)
+class ImportTsvConfig:
+    """Options of ``vlkd-extract import-tsv``: Oscar/VinVL, BUTD/LXMERT or scene_graph_benchmark
+    TSV feature files into a region set (role ``proposals``).
+
+    Attributes:
+        format: vinvl (feature.tsv with label.tsv and hw.tsv), butd (bottom-up-attention or
+            LXMERT TSV, told apart by the field count) or sgb (scene_graph_benchmark's
+            predictions.tsv with per-box features).
+        features: The feature file: feature.tsv (vinvl), the BUTD/LXMERT .tsv (butd) or
+            predictions.tsv (sgb). Its .lineidx is used when it agrees with the file.
+        labels: label.tsv (vinvl): class, rect, conf and optional attributes per region.
+        hw: hw.tsv with each image's height and width (vinvl, sgb).
+        out: Region-set directory (created; an existing set made from the same files with the
+            same options is resumed).
+        labelmap: Class vocabulary: VinVL's VG-SGG-dicts-vgoi6-clipped.json (label_to_idx /
+            idx_to_label, attribute_to_idx), a JSON list of names (class_names.json), or a
+            text file with one name per line (BUTD's objects_vocab.txt). None: the sorted
+            class names of the label rows.
+        attribute_names: Attribute vocabulary when --labelmap has none: a JSON list or a
+            text file (BUTD's attributes_vocab.txt). None: the labelmap's, else the sorted
+            attribute names of the label rows.
+        attributes: Keep up to this many attributes per box (best first) as the optional
+            arrays attr_ids / attr_scores (0: none).
+        feature_dim: Values per region in the file, geometry columns included (e.g. 2054).
+            None: told from the first row (needs a known width or geometry columns).
+        tsv_dtype: The file's values: auto (told from the byte count), float32 or float16.
+        geometry: Geometry columns after the region features: auto, 0, 4 or 6.
+        num_shards: Shards of the set.
+        shard_index: Shard to write, or 'all'; none: from SLURM_ARRAY_TASK_ID,
+            JOB_COMPLETION_INDEX or AWS_BATCH_JOB_ARRAY_INDEX.
+        backend: Shard format: hdf5 or zarr.
+        feature_dtype: Stored feature dtype: float16 or float32 (float32 keeps a float32
+            file's values exactly).
+        max_failures: Exit non-zero (3) when more rows fail: a count (5), a fraction (0.01)
+            or a percentage (1%).
+        num_workers: Processes decoding rows ahead of the writer (0: in the job's process).
+        window: Rows per commit; a killed job resumes from the last commit.
+        log_format: Progress bar and messages (text), or JSON lines (json), on stderr.
+        progress: Show a progress bar / progress lines (--no-progress: none).
+    """
+
+    features: str
+    out: str
+    format: str = "vinvl"
+    labels: str | None = None
+    hw: str | None = None
+    labelmap: str | None = None
+    attribute_names: str | None = None
+    attributes: int = 0
+    feature_dim: int | None = None
+    tsv_dtype: str = "auto"
+    geometry: str = "auto"
+    num_shards: int = 1
+    shard_index: str | None = None
+    backend: str = "hdf5"
+    feature_dtype: str = "float16"
+    max_failures: str = "1%"
+    num_workers: int = 2
+    window: int = 128
+    log_format: str = "text"
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.format not in TSV_FORMATS:
+            raise ValueError(f"--format {self.format!r}: expected one of {', '.join(TSV_FORMATS)}")
+        if self.geometry not in ("auto", "0", "4", "6"):
+            raise ValueError(f"--geometry {self.geometry!r}: expected auto, 0, 4 or 6")
+        if self.format != "vinvl" and self.labels is not None:
+            raise ValueError(f"--labels is a file of --format vinvl; --format {self.format} rows "
+                             "carry their own boxes and classes")
+        if self.format == "butd" and self.hw is not None:
+            raise ValueError("--hw does not apply to --format butd: its rows hold the image size")
+        if self.attributes < 0 or self.window < 1 or self.num_workers < 0:
+            raise ValueError(f"need --attributes >= 0, --commit-every >= 1 and --num-workers "
+                             f">= 0, got {self.attributes}, {self.window}, {self.num_workers}")
+
+
+__all__ += ["TSV_FORMATS", "ImportTsvConfig"]
