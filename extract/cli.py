@@ -22,7 +22,7 @@ from .options import (BACKENDS, BOX_SELECTION_RULES, FEATURE_DTYPES, LOG_FORMATS
                       PRECISION_NAMES, TRAIN_DETECTOR_CONFIG_FILE, ProposalsConfig,
                       TeacherConfig, TrainDetectorOptions)
 
-from .options import TSV_FORMATS, ImportTsvConfig
+from .options import EXPORT_LAYOUTS, TSV_FORMATS, ExportTsvConfig, ImportTsvConfig
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--plugin", "plugins", multiple=True, metavar="MODULE",
@@ -38,6 +38,7 @@ def main(plugins) -> None:
     proposals         student detector -> boxes + student features
     teacher-features  teacher features pooled over the student's boxes (VTA)
     import-tsv        Oscar/VinVL, BUTD or SGB TSV features -> a region set
+    export-tsv        a region set -> Oscar/VinVL TSV files (run_captioning.py, run_vqa.py)
     validate          check a region set (and its alignment with proposals)
     inspect           summarise a set, draw boxes on an image
     status            which shards are complete, running, partial or missing
@@ -220,7 +221,7 @@ def teacher_features_cmd(job_config, overrides, **kwargs) -> None:
         _stopped("teacher-features", e)
 
 
-# -------------------------------------------------------------------------------- import-tsv
+# --------------------------------------------------------------------- import-tsv, export-tsv
 
 def _it(key, *flags, **kw):
     return option(ImportTsvConfig, key, *flags, **kw)
@@ -279,6 +280,40 @@ def import_tsv_cmd(job_config, overrides, **kwargs) -> None:
                    f"({result.limit.allowed(result.num_images):.4g}); the reasons are in "
                    f"{cfg.out}/manifest.json 'failures'", err=True)
         raise SystemExit(3)
+
+
+def _et(key, *flags, **kw):
+    return option(ExportTsvConfig, key, *flags, **kw)
+
+
+@main.command("export-tsv")
+@click.argument("set_dir", type=click.Path(exists=True, file_okay=False))
+@_et("out", "--out", type=click.Path(file_okay=False))
+@_et("split", "--split")
+@_et("layout", "--layout", type=click.Choice(EXPORT_LAYOUTS))
+@_et("feature_dtype", "--feature-dtype", type=click.Choice(FEATURE_DTYPES))
+@_et("geometry", "--geometry", type=click.Choice(("0", "4", "6")))
+@_et("captions", "--captions", type=click.Path(exists=True, dir_okay=False))
+@_et("caption_split", "--caption-split")
+@_job_config_option
+@set_option()
+def export_tsv_cmd(set_dir, job_config, overrides, **kwargs) -> None:
+    """Write a region set as Oscar/VinVL TSV files that Oscar's run_captioning.py (with the
+    yaml written beside them) and run_vqa.py read unchanged.
+
+    Images without regions are left out of the captioning files (Oscar cannot read them) and
+    named in OUT/export.json with every other image left out. Exit status: 0 written; 1
+    refused (the message says why).
+    """
+    cfg = _load(ExportTsvConfig, job_config, overrides, kwargs, extra={"regions": set_dir})
+    from vlkd.data.captions import AnnotationError
+    from vlkd.extract.export_tsv import ExportTsvError, run_export_tsv
+
+    try:
+        report = run_export_tsv(cfg)
+    except (ExportTsvError, AnnotationError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(report.summary(), err=True)
 
 
 # ----------------------------------------------------------------------------- train-detector

@@ -251,6 +251,8 @@ __all__ = ["BACKENDS", "FEATURE_DTYPES", "PRECISION_NAMES", "LOG_FORMATS", "PER_
 
 #: The TSV layouts ``import-tsv --format`` reads (docs/EXTRACT.md, "Importing TSV features").
 TSV_FORMATS = ("vinvl", "butd", "sgb")
+#: What ``export-tsv --layout`` writes: Oscar's captioning files, its VQA files, or both.
+EXPORT_LAYOUTS = ("captioning", "vqa", "both")
 
 
 @dataclass(kw_only=True)
@@ -331,4 +333,46 @@ class ImportTsvConfig:
                              f">= 0, got {self.attributes}, {self.window}, {self.num_workers}")
 
 
-__all__ += ["TSV_FORMATS", "ImportTsvConfig"]
+@dataclass(kw_only=True)
+class ExportTsvConfig:
+    """Options of ``vlkd-extract export-tsv``: a region set as Oscar/VinVL TSV files.
+
+    Attributes:
+        regions: The region set to export.
+        out: Output folder.
+        split: File name prefix and Oscar's split name: train gives train.feature.tsv,
+            train.yaml, train_caption.json, train_img_frcnn_feats.tsv (none: feature.tsv,
+            label.tsv, hw.tsv, dataset.yaml; the vqa layout needs a split).
+        layout: captioning (feature.tsv, label.tsv, hw.tsv, the yaml run_captioning.py
+            reads), vqa (run_vqa.py's {split}_img_frcnn_feats.tsv and offset map) or both.
+        feature_dtype: Values written: float32 (what every Oscar reader decodes) or float16
+            (half the size; only readers told so decode it).
+        geometry: Geometry columns appended to each region's features: 6 (2054-d, VinVL), 4
+            or 0.
+        captions: COCO captions JSON or Karpathy dataset_coco.json: also write the caption
+            files run_captioning.py trains and evaluates with.
+        caption_split: Karpathy split of --captions to write (train, val, test; none: all).
+    """
+
+    regions: str
+    out: str
+    split: str | None = None
+    layout: str = "captioning"
+    feature_dtype: str = "float32"
+    geometry: int = 6
+    captions: str | None = None
+    caption_split: str | None = None
+
+    def __post_init__(self):
+        if self.layout not in EXPORT_LAYOUTS:
+            raise ValueError(f"--layout {self.layout!r}: expected one of "
+                             f"{', '.join(EXPORT_LAYOUTS)}")
+        if self.layout != "captioning" and not self.split:
+            raise ValueError(f"--layout {self.layout} needs --split: run_vqa.py opens "
+                             "{split}_img_frcnn_feats.tsv (train, val, train+val, test2015, "
+                             "test-dev2015)")
+        if self.geometry not in (0, 4, 6):
+            raise ValueError(f"--geometry {self.geometry}: expected 0, 4 or 6")
+
+
+__all__ += ["TSV_FORMATS", "EXPORT_LAYOUTS", "ImportTsvConfig", "ExportTsvConfig"]

@@ -376,21 +376,28 @@ def test_without_an_image_size_rows_are_failures(tmp_path):
                                           for f in m["failures"])
 
 
-def test_every_option_is_generated_and_the_options_are_saved(tmp_path):
-    cmd = main.commands["import-tsv"]
+def options_of(command: str, schema) -> set[str]:
+    """The keys ``vlkd-extract COMMAND``'s options set; each is generated from the schema
+    (no default of its own, the field's default and help shown), as test_extract_config
+    checks for the detector jobs."""
     keys = set()
-    for p in cmd.params:
-        if p.name in ("job_config", "overrides"):
+    for p in main.commands[command].params:
+        if p.name in ("job_config", "overrides") or p.param_type_name == "argument":
             continue
         assert p.name.startswith("cfg__"), p.opts
         key = p.name[len("cfg__"):].replace("__", ".")
         assert p.default is None and not p.required
         text = " ".join(p.help.split())
-        shown = field_default(ImportTsvConfig, key)
+        shown = field_default(schema, key)
         assert f"[{key}; default: " in text, text
         if shown not in (None, "", [], True, False):
             assert f"default: {shown}]" in text, (key, text)
         keys.add(key)
+    return keys
+
+
+def test_every_option_is_generated_and_the_options_are_saved(tmp_path):
+    keys = options_of("import-tsv", ImportTsvConfig)
     assert {"features", "labels", "hw", "out", "labelmap", "attributes", "num_workers"} <= keys
     images = _images(seed=8, counts=(2, 2))
     feat, labels, hw = _vinvl_files(tmp_path, images)
