@@ -446,16 +446,21 @@ def validate_cmd(set_dir, against, no_features) -> None:
               "set's image_source].")
 @click.option("--image-root", default=None, help="Root for relative paths of JSON/list sources.")
 @click.option("--max-boxes", default=None, type=click.IntRange(min=1), help="Draw only the "
-              "first (best) boxes.")
+              "best boxes by score.")
+@click.option("--unaligned", default=None, type=click.Path(exists=True, file_okay=False),
+              help="A set with its own boxes for the image (the teacher's own proposals), "
+              "drawn as a last panel over the first set's boxes in grey: what a teacher reads "
+              "without Visual Token Alignment.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def inspect_cmd(set_dir, other, image_id, draw, images, image_root, max_boxes,
+def inspect_cmd(set_dir, other, image_id, draw, images, image_root, max_boxes, unaligned,
                 as_json) -> None:
     """Summarise a region set; draw an image's boxes with their object tags.
 
     The summary: role, detector, images, regions per image (min/mean/max), feature dim and
-    dtype, failures, size on disk. With --image-id and --draw, the image's boxes are drawn
-    with class names; for a teacher set with its proposals, student and teacher tags side by
-    side.
+    dtype, failures, size on disk. With --image-id and --draw, the image's best boxes are
+    drawn numbered, with a legend of their class names and scores; for a teacher set with its
+    proposals, student and teacher tags side by side; with --unaligned, the teacher's own boxes
+    too.
     """
     import json
 
@@ -470,7 +475,7 @@ def inspect_cmd(set_dir, other, image_id, draw, images, image_root, max_boxes,
         click.echo(json.dumps(summary, indent=1) if as_json else format_summary(summary))
         if draw is not None:
             note = draw_image(set_dir, image_id, draw, other=other, images=images,
-                              image_root=image_root, max_boxes=max_boxes)
+                              image_root=image_root, max_boxes=max_boxes, unaligned=unaligned)
             click.echo(note, err=True)
     except (InspectError, RegionSetError) as e:
         raise click.ClickException(str(e)) from None

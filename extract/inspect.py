@@ -3,10 +3,12 @@
 - :func:`summarize_set`: role, detector, shards, images, regions per image (min/mean/max),
   feature dim and dtype, the most frequent object tags, failures, size on disk. Reads only the
   small per-image arrays, never the features.
-- :func:`draw_image`: one image with its boxes and object tags (class name and score) as a
-  PNG. Given a teacher set and its proposals (they share the boxes), the student's tags and
-  the teacher's are drawn side by side, box ``j`` in the same colour in both panels, which
-  shows at a glance what Visual Token Alignment gives the two models.
+- :func:`draw_image`: one image with its best boxes by score as a PNG, each box numbered in
+  its colour and the numbers' object tags (class name and score) in a legend under the
+  image. Given a teacher set and its proposals (they share the boxes), the student's tags and
+  the teacher's are drawn side by side, box ``j`` in the same colour in both panels; given
+  the teacher's own proposals too, a third panel shows the boxes the teacher reads without
+  Visual Token Alignment over the student's in grey: the mismatch VTA removes.
 - :func:`validate_report`: the findings of ``vlkd.common.validate`` (the alignment of a
   teacher set included: ``vlkd.common.alignment``) as a table, and the exit status.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import os
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -193,17 +196,80 @@ def _label_font(size: int):
         return ImageFont.load_default()
 
 
-def render_panels(rgb: np.ndarray, boxes: np.ndarray,
-                  panels: list[tuple[str, list[str]]]) -> Image.Image:
-    """Draw the same boxes once per panel, each panel with its own labels, side by side.
+@dataclass
+class Panel:
+    """One panel of :func:`render_panels`: boxes over the image, each with a number tag, and
+    a legend of the numbers under the image.
+
+    Attributes:
+        title: the line above the panel.
+        boxes: (n, 4) x1 y1 x2 y2 in the image's pixels.
+        labels: n legend texts (``circle 0.98``); the legend prefixes each with its number.
+        colors: n RGB colours (default: :data:`PALETTE` by position).
+        under: (m, 4) boxes drawn thin and grey beneath, for comparison (another panel's).
+    """
+
+    title: str
+    boxes: np.ndarray
+    labels: list[str]
+    colors: list[tuple[int, int, int]] | None = None
+    under: np.ndarray | None = None
+
+
+TITLE_H = 20          # px of the title strip above each panel
+LEGEND_ROW_H = 16     # px of one legend line under each panel
+
+
+def _overlaps(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def place_tags(boxes: np.ndarray, sizes: list[tuple[float, float]], width: float,
+               height: float) -> list[tuple[float, float, float, float]]:
+    """Where each box's number tag goes: the first of a few spots around its corners (above
+    the top-left corner first) that lies in the image and covers no tag placed before it;
+    when every spot is taken, the first spot pushed down past the tags it would cover.
+
+    Args:
+        boxes: (n, 4) boxes in the drawing's pixels, best first (earlier boxes choose first).
+        sizes: (w, h) of each tag.
+        width, height: the drawing's size.
+
+    Returns:
+        n rectangles (x1, y1, x2, y2), pairwise disjoint whenever the image has room.
+    """
+    placed: list[tuple[float, float, float, float]] = []
+    for (x1, y1, x2, y2), (w, h) in zip(np.asarray(boxes, float).tolist(), sizes):
+        spots = [(x1, y1 - h), (x1, y1), (x1, y2), (x2 - w, y2 - h), (x2 - w, y1 - h),
+                 (x2, y1), (x1 - w, y1)]
+        rects = [(min(max(0.0, x), width - w), min(max(0.0, y), height - h)) for x, y in spots]
+        rects = [(x, y, x + w, y + h) for x, y in rects]
+        free = [r for r in rects if not any(_overlaps(r, q) for q in placed)]
+        if free:
+            placed.append(free[0])
+            continue
+        x, y, _, _ = rects[0]
+        while any(_overlaps((x, y, x + w, y + h), q) for q in placed) and y + h < height:
+            y = max(q[3] for q in placed if _overlaps((x, y, x + w, y + h), q))
+        placed.append((x, y, x + w, y + h))
+    return placed
+
+
+def render_panels(rgb: np.ndarray, panels: list[Panel]) -> Image.Image:
+    """Draw the image once per panel with that panel's boxes, side by side.
+
+    Each box gets a number tag in its colour, placed where it covers no other tag
+    (:func:`place_tags`), and the legend under the image says what each number is, so labels
+    stay readable however the boxes overlap. Boxes and their colours follow the panel's
+    order: two panels over the same boxes show box ``j`` in the same colour.
 
     Args:
         rgb: (H, W, 3) uint8 image.
-        boxes: (n, 4) x1 y1 x2 y2 in the image's pixels.
-        panels: ``(title, labels)`` per panel; ``labels`` has n strings.
+        panels: the panels, left to right.
 
     Returns:
-        The figure (width ``len(panels) * W``, plus a title strip on top).
+        The figure: ``len(panels)`` columns of the (upscaled) image width, a title strip of
+        :data:`TITLE_H` px on top and :data:`LEGEND_ROW_H` px per legend line at the bottom.
     """
     h, w = rgb.shape[:2]
     # Labels stay readable on small images: draw on an upscaled copy.
@@ -212,42 +278,80 @@ def render_panels(rgb: np.ndarray, boxes: np.ndarray,
     base = Image.fromarray(rgb).resize((sw, sh), Image.BILINEAR) if scale > 1 else \
         Image.fromarray(rgb)
     font = _label_font(12)
-    title_h = 20
-    fig = Image.new("RGB", (sw * len(panels), sh + title_h), (255, 255, 255))
-    for p, (title, labels) in enumerate(panels):
+    rows = max([len(p.labels) for p in panels] + [0])
+    fig = Image.new("RGB", (sw * len(panels), TITLE_H + sh + LEGEND_ROW_H * rows + 4),
+                    (255, 255, 255))
+    fd = ImageDraw.Draw(fig)
+    for k, p in enumerate(panels):
+        colors = p.colors or [PALETTE[j % len(PALETTE)] for j in range(len(p.labels))]
         panel = base.copy()
         d = ImageDraw.Draw(panel)
-        for j, (b, label) in enumerate(zip(boxes, labels)):
-            color = PALETTE[j % len(PALETTE)]
-            x1, y1, x2, y2 = (float(v) * scale for v in b)
-            d.rectangle([x1, y1, x2, y2], outline=color, width=2)
-            tx, ty = x1 + 2, max(0.0, y1 - 14) if y1 >= 14 else y1 + 2
-            bbox = d.textbbox((tx, ty), label, font=font)
-            d.rectangle(bbox, fill=color)
-            d.text((tx, ty), label, fill=(255, 255, 255), font=font)
-        fig.paste(panel, (p * sw, title_h))
-        ImageDraw.Draw(fig).text((p * sw + 4, 3), title, fill=(0, 0, 0), font=font)
+        for b in (p.under if p.under is not None else np.zeros((0, 4))):
+            d.rectangle([float(v) * scale for v in b], outline=(200, 200, 200), width=1)
+        boxes = np.asarray(p.boxes, float).reshape(-1, 4) * scale
+        tags = [str(j + 1) for j in range(len(boxes))]
+        sizes = []
+        for t in tags:
+            l, t_, r, b = d.textbbox((0, 0), t, font=font)
+            sizes.append((r - l + 6, b - t_ + 4))
+        for b, color in zip(boxes.tolist(), colors):
+            d.rectangle(b, outline=color, width=2)
+        for t, (x1, y1, x2, y2), color in zip(tags, place_tags(boxes, sizes, sw, sh), colors):
+            d.rectangle([x1, y1, x2 - 1, y2 - 1], fill=color)
+            d.text((x1 + 3, y1 + 1), t, fill=(255, 255, 255), font=font)
+        fig.paste(panel, (k * sw, TITLE_H))
+        fd.text((k * sw + 4, 3), p.title, fill=(0, 0, 0), font=font)
+        for j, (label, color) in enumerate(zip(p.labels, colors)):
+            y = TITLE_H + sh + 2 + j * LEGEND_ROW_H
+            fd.rectangle([k * sw + 4, y + 2, k * sw + 14, y + 12], fill=color)
+            fd.text((k * sw + 20, y), f"{j + 1}: {label}", fill=(0, 0, 0), font=font)
     return fig
 
 
 def _labels(classes: np.ndarray, scores: np.ndarray, names: list[str]) -> list[str]:
-    return [f"{j}: {names[c] if 0 <= c < len(names) else f'class_{c}'} {s:.2f}"
-            for j, (c, s) in enumerate(zip(classes.tolist(), scores.tolist()))]
+    return [f"{names[c] if 0 <= c < len(names) else f'class_{c}'} {s:.2f}"
+            for c, s in zip(classes.tolist(), scores.tolist())]
+
+
+def _regions_of(rs: RegionSet, image_id: str):
+    try:
+        return rs.get(image_id)
+    except KeyError:
+        failed = [f for f in rs.manifest.get("failures", []) if f.get("image_id") == image_id]
+        why = f" (it failed: {failed[0].get('reason')})" if failed else ""
+        raise InspectError(f"image {image_id!r} is not in {rs.path}{why}") from None
+
+
+def _top(scores: np.ndarray, k: int | None) -> np.ndarray:
+    """Indices of the ``k`` best scores, best first (ties: stored order)."""
+    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+    return order if k is None else order[:k]
+
+
+def _who(rs: RegionSet) -> str:
+    role = rs.manifest.get("role", "?")
+    return {"proposals": "student", TEACHER_ROLE: "teacher"}.get(role, role)
 
 
 def draw_image(set_dir: str | os.PathLike, image_id: str, out_png: str | os.PathLike, *,
                other: str | os.PathLike | None = None, images: str | None = None,
-               image_root: str | None = None, max_boxes: int | None = None) -> str:
-    """Draw one image's boxes with the object tags of one set, or of two sets side by side.
+               image_root: str | None = None, max_boxes: int | None = None,
+               unaligned: str | os.PathLike | None = None) -> str:
+    """Draw one image's best boxes with the object tags of one set, or of two sets side by
+    side, and optionally a set with its own boxes for the same image.
 
     Args:
         set_dir: a region set.
         image_id: the image.
         out_png: where to write the PNG.
         other: a second set with the same boxes for this image (default for a teacher set:
-            its proposals at ``aligned_to.path``, when that exists).
+            its proposals at ``aligned_to.path``, when that exists); drawn beside the first,
+            box ``j`` in the same colour in both.
         images, image_root: where the image file is (default: the set's image source).
-        max_boxes: draw only the first boxes (proposals store them best first).
+        max_boxes: draw only the best boxes by score (the proposals' scores for two sets).
+        unaligned: a set with its own boxes for this image (the teacher's own proposals),
+            drawn as a last panel over the first set's boxes in grey: the tokens a teacher
+            reads without Visual Token Alignment, against those it reads with it.
 
     Returns:
         A one-line note of what was drawn.
@@ -267,20 +371,21 @@ def draw_image(set_dir: str | os.PathLike, image_id: str, out_png: str | os.Path
         # Student (proposals) on the left, teacher on the right.
         if sets[0].manifest.get("role") == TEACHER_ROLE:
             sets.reverse()
-    regions = []
-    for rs in sets:
-        try:
-            regions.append(rs.get(image_id))
-        except KeyError:
-            failed = [f for f in rs.manifest.get("failures", []) if f.get("image_id") ==
-                      image_id]
-            why = f" (it failed: {failed[0].get('reason')})" if failed else ""
-            raise InspectError(f"image {image_id!r} is not in {rs.path}{why}") from None
+    regions = [_regions_of(rs, image_id) for rs in sets]
     if len(regions) == 2 and regions[0].box_digest != regions[1].box_digest:
         raise InspectError(f"the two sets have different boxes for {image_id!r} (box digests "
                            f"{regions[0].box_digest.hex()[:10]}… vs "
                            f"{regions[1].box_digest.hex()[:10]}…): they are not aligned, so "
                            "their tags cannot be compared box by box")
+    own = None
+    if unaligned is not None:
+        own_set = RegionSet(unaligned)
+        own = (own_set, _regions_of(own_set, image_id))
+        if tuple(own[1].image_hw) != tuple(regions[0].image_hw):
+            raise InspectError(f"{own_set.path} stored image {image_id!r} as "
+                               f"{own[1].image_hw[0]}x{own[1].image_hw[1]}, {sets[0].path} as "
+                               f"{regions[0].image_hw[0]}x{regions[0].image_hw[1]}: not the "
+                               "same image")
     path = _find_image(image_id, m, images, image_root)
     try:
         dec = read_image(path)
@@ -290,20 +395,28 @@ def draw_image(set_dir: str | os.PathLike, image_id: str, out_png: str | os.Path
         raise InspectError(f"{path} is {dec.hw[0]}x{dec.hw[1]} but the set stored image "
                            f"{image_id!r} as {regions[0].image_hw[0]}x{regions[0].image_hw[1]}; "
                            "pass --images pointing at the images the set was made from")
-    n = regions[0].num_regions if max_boxes is None else min(max_boxes,
-                                                            regions[0].num_regions)
+    keep = _top(regions[0].scores, max_boxes)
+    boxes = regions[0].boxes[keep]
     panels = []
     for rs, r in zip(sets, regions):
-        role = rs.manifest.get("role", "?")
-        who = {"proposals": "student", TEACHER_ROLE: "teacher"}.get(role, role)
         det = (rs.manifest.get("detector") or {}).get("name", "?")
-        panels.append((f"{who} tags ({det})",
-                       _labels(r.classes[:n], r.scores[:n], rs.class_names)))
-    fig = render_panels(dec.rgb, regions[0].boxes[:n], panels)
+        shared = " (same boxes)" if len(sets) == 2 and rs is sets[1] else ""
+        panels.append(Panel(f"{_who(rs)} tags{shared} ({det})", boxes,
+                            _labels(r.classes[keep], r.scores[keep], rs.class_names)))
+    if own is not None:
+        rs, r = own
+        top = _top(r.scores, max_boxes)
+        det = (rs.manifest.get("detector") or {}).get("name", "?")
+        panels.append(Panel(f"own boxes of {det} (no VTA); grey: the boxes at left",
+                            r.boxes[top], _labels(r.classes[top], r.scores[top],
+                                                  rs.class_names),
+                            colors=[PALETTE[(len(PALETTE) - 1 - j) % len(PALETTE)]
+                                    for j in range(len(top))], under=boxes))
+    fig = render_panels(dec.rgb, panels)
     Path(out_png).parent.mkdir(parents=True, exist_ok=True)
     fig.save(out_png, format="PNG")
-    return (f"drew {n} box(es) of {image_id!r} with "
-            f"{' and '.join(t for t, _ in panels)} to {out_png}")
+    return (f"drew the best {len(keep)} of {regions[0].num_regions} box(es) of {image_id!r} "
+            f"with {' and '.join(p.title for p in panels)} to {out_png}")
 
 
 # ------------------------------------------------------------------------------- validation
@@ -371,5 +484,5 @@ def format_findings(findings: list[Finding], width: int = 100) -> str:
     return "\n".join(out)
 
 
-__all__ = ["InspectError", "summarize_set", "format_summary", "draw_image", "render_panels",
-           "validate_report", "format_findings"]
+__all__ = ["InspectError", "summarize_set", "format_summary", "Panel", "place_tags",
+           "draw_image", "render_panels", "validate_report", "format_findings"]

@@ -13,7 +13,7 @@ from extract_fixtures import make_images
 from vlkd.common.manifest import update_manifest
 from vlkd.common.regionset import ShardWriter, file_digest
 from vlkd.extract.cli import main
-from vlkd.extract.inspect import PALETTE
+from vlkd.extract.inspect import LEGEND_ROW_H, PALETTE, TITLE_H, place_tags
 
 # Regions per image of the proposals set written below (shard 0: 3 images, shard 1: 2 images
 # and one failure).
@@ -41,7 +41,7 @@ def _boxes(iid: str, n: int, hw) -> np.ndarray:
 
 
 def write_set(out: Path, role: str, images: dict, class_names, classes_of, *,
-              aligned_to=None, dim=8):
+              aligned_to=None, dim=8, shift=0.0):
     """A 2-shard region set written with the format's writer (no detector needed)."""
     ids = sorted(list(COUNTS) + list(FAILED))
     shards = [ids[:3], ids[3:]]
@@ -53,7 +53,7 @@ def write_set(out: Path, role: str, images: dict, class_names, classes_of, *,
                     continue
                 hw = np.asarray(Image.open(images[iid])).shape[:2]
                 n = COUNTS[iid]
-                b = _boxes(iid, n, hw)
+                b = _boxes(iid, n, hw) + np.float32(shift)
                 w.append(iid, hw, b, np.linspace(0.9, 0.5, n), classes_of(n),
                          np.ones((n, dim)), image_digest=file_digest(images[iid]))
             w.finalize()
@@ -110,46 +110,87 @@ def test_summary(sets):
 
 
 def _panels(png: Path, hw, n_panels):
+    """The figure, a panel's width, the image's scale and the image's first row."""
     fig = np.asarray(Image.open(png).convert("RGB"))
     pw = fig.shape[1] // n_panels
     assert fig.shape[1] == pw * n_panels
-    scale = pw / hw[1]
-    top = fig.shape[0] - int(round(hw[0] * scale))
-    return fig, pw, scale, top
+    return fig, pw, pw / hw[1], TITLE_H
+
+
+def _edge(fig, box, p, pw, scale, top, dx=1):
+    """The pixel in the middle of ``box``'s left edge, in panel ``p``."""
+    x1, y1, x2, y2 = box
+    return tuple(fig[top + int((y1 + y2) / 2 * scale), p * pw + int(x1 * scale) + dx])
 
 
 def test_draw_side_by_side(sets, tmp_path):
     png = tmp_path / "x.png"
     res = invoke("inspect", sets["teacher"], "--image-id", "img002", "--draw", png)
-    assert "drew 5 box(es) of 'img002' with student tags (proposals-det) and teacher tags " \
-        "(teacher-features-det)" in res.output
+    assert "drew the best 5 of 5 box(es) of 'img002' with student tags (proposals-det) and " \
+        "teacher tags (same boxes) (teacher-features-det)" in res.output
     src = np.asarray(Image.open(sets["images"]["img002"]).convert("RGB"))
     fig, pw, scale, top = _panels(png, src.shape[:2], 2)
+    sh = int(round(src.shape[0] * scale))
+    assert fig.shape[0] == top + sh + 5 * LEGEND_ROW_H + 4       # a legend line per box
     boxes = _boxes("img002", 5, src.shape[:2])
     for p in range(2):
-        for j, (x1, y1, x2, y2) in enumerate(boxes):
-            # the middle of box j's left edge, in panel p: box j's colour in both panels
-            px = fig[top + int((y1 + y2) / 2 * scale), p * pw + int(x1 * scale) + 1]
-            assert tuple(px) == PALETTE[j], (p, j, tuple(px))
+        for j, box in enumerate(boxes):     # box j's colour in both panels
+            assert _edge(fig, box, p, pw, scale, top) == PALETTE[j], (p, j)
     # The picture under the boxes is the image: a block's centre, away from every box.
     by, bx = 4, 4  # block (0, 0) centre in source pixels; boxes start at y >= 0.3 h
     got = fig[top + int(by * scale), int(bx * scale)].astype(int)
     assert np.abs(got - src[by, bx].astype(int)).max() <= 3
-    # The panels differ only where the tags are written (same boxes, other labels).
-    left, right = fig[top:, :pw].astype(int), fig[top:, pw:2 * pw].astype(int)
-    differ = np.abs(left - right).max(2) > 0
-    assert differ.any()
-    rows = np.nonzero(differ.any(1))[0] / scale
-    assert rows.max() <= boxes[:, 1].max() + 2  # label strips sit at the boxes' tops
+    # Same boxes, same numbered tags: the pictures are identical, only the legends differ.
+    left, right = fig[:, :pw].astype(int), fig[:, pw:2 * pw].astype(int)
+    assert (left[top:top + sh] == right[top:top + sh]).all()
+    legend = np.abs(left - right).max(2)[top + sh:] > 0
+    assert legend.any()
+    # the legend's swatches are the boxes' colours, one line each, best first
+    for j in range(5):
+        y = top + sh + 2 + j * LEGEND_ROW_H + 7
+        assert tuple(fig[y, 8]) == PALETTE[j] and tuple(fig[y, pw + 8]) == PALETTE[j]
 
-    # One set: one panel, at most --max-boxes boxes.
+    # One set: one panel, the best --max-boxes boxes.
     invoke("inspect", sets["props"], "--image-id", "img002", "--draw", tmp_path / "one.png",
            "--max-boxes", 2)
     fig1, pw1, scale1, top1 = _panels(tmp_path / "one.png", src.shape[:2], 1)
-    x1, y1, x2, y2 = boxes[2]
-    assert tuple(fig1[top1 + int((y1 + y2) / 2 * scale1), int(x1 * scale1) + 1]) != PALETTE[2]
-    x1, y1, x2, y2 = boxes[1]
-    assert tuple(fig1[top1 + int((y1 + y2) / 2 * scale1), int(x1 * scale1) + 1]) == PALETTE[1]
+    assert fig1.shape[0] == top1 + sh + 2 * LEGEND_ROW_H + 4
+    assert _edge(fig1, boxes[2], 0, pw1, scale1, top1) != PALETTE[2]
+    assert _edge(fig1, boxes[1], 0, pw1, scale1, top1) == PALETTE[1]
+
+
+def test_draw_the_teachers_own_boxes_beside_the_aligned_ones(sets, tmp_path):
+    """--unaligned: a third panel with the teacher's own boxes (other boxes, other tags) over
+    the student's boxes in grey."""
+    own = write_set(tmp_path / "own", "proposals", sets["images"], TEACHER_NAMES,
+                    lambda n: np.arange(n) % 4, shift=6.0)
+    png = tmp_path / "three.png"
+    res = invoke("inspect", sets["teacher"], "--image-id", "img002", "--draw", png,
+                 "--unaligned", own, "--max-boxes", 3)
+    assert "and own boxes of proposals-det (no VTA)" in res.output
+    src = np.asarray(Image.open(sets["images"]["img002"]).convert("RGB"))
+    fig, pw, scale, top = _panels(png, src.shape[:2], 3)
+    boxes = _boxes("img002", 5, src.shape[:2])
+    for j in range(3):
+        assert _edge(fig, boxes[j] + 6.0, 2, pw, scale, top) == PALETTE[len(PALETTE) - 1 - j]
+        assert _edge(fig, boxes[j], 2, pw, scale, top, dx=0) == (200, 200, 200)  # aligned box
+        assert _edge(fig, boxes[j], 0, pw, scale, top) == PALETTE[j]
+    res = invoke("inspect", sets["teacher"], "--image-id", "img004", "--draw", png,
+                 "--unaligned", own, expect=1)
+    assert "is not in" in res.output
+
+
+def test_number_tags_never_cover_each_other():
+    """Eight boxes on top of each other (a detector's duplicates): every tag finds its own
+    place inside the picture, the first one above the top-left corner of its box."""
+    boxes = np.array([[100, 100, 200, 180]] * 6 + [[0, 0, 30, 30], [410, 300, 480, 360]], float)
+    sizes = [(14.0, 16.0)] * len(boxes)
+    rects = place_tags(boxes, sizes, 480, 360)
+    assert rects[0] == (100, 84, 114, 100)
+    for i, a in enumerate(rects):
+        assert 0 <= a[0] and a[2] <= 480 and 0 <= a[1] and a[3] <= 360, a
+        for b in rects[i + 1:]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
 
 
 def test_draw_errors(sets, tmp_path):
