@@ -149,6 +149,16 @@ def _stopped(command: str, e: Exception) -> None:
     raise SystemExit(e.exit_code)
 
 
+def _failures_exceeded(command: str, result, max_failures: str, out: str, what: str) -> None:
+    """More images (rows) failed than --max-failures allows: say so, exit 3 (the set is
+    written; the reasons are in its manifest)."""
+    click.echo(f"vlkd-extract {command}: {result.num_failures} of {result.num_images} {what} "
+               f"failed, more than --max-failures {max_failures} allows "
+               f"({result.limit.allowed(result.num_images):.4g}); the reasons are in "
+               f"{out}/manifest.json 'failures'", err=True)
+    raise SystemExit(3)
+
+
 # ---------------------------------------------------------------------------------- proposals
 
 @main.command("proposals")
@@ -181,11 +191,7 @@ def proposals_cmd(job_config, overrides, **kwargs) -> None:
     except Stopped as e:
         _stopped("proposals", e)
     if result.failures_exceeded:
-        click.echo(f"vlkd-extract proposals: {result.num_failures} of {result.num_images} "
-                   f"images failed, more than --max-failures {cfg.max_failures} allows "
-                   f"({result.limit.allowed(result.num_images):.4g}); the reasons are in "
-                   f"{cfg.out}/manifest.json 'failures'", err=True)
-        raise SystemExit(3)
+        _failures_exceeded("proposals", result, cfg.max_failures, cfg.out, "images")
 
 
 # --------------------------------------------------------------------------- teacher-features
@@ -275,11 +281,7 @@ def import_tsv_cmd(job_config, overrides, **kwargs) -> None:
     except Stopped as e:
         _stopped("import-tsv", e)
     if result.failures_exceeded:
-        click.echo(f"vlkd-extract import-tsv: {result.num_failures} of {result.num_images} "
-                   f"rows failed, more than --max-failures {cfg.max_failures} allows "
-                   f"({result.limit.allowed(result.num_images):.4g}); the reasons are in "
-                   f"{cfg.out}/manifest.json 'failures'", err=True)
-        raise SystemExit(3)
+        _failures_exceeded("import-tsv", result, cfg.max_failures, cfg.out, "rows")
 
 
 def _et(key, *flags, **kw):

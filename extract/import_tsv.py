@@ -57,7 +57,7 @@ from vlkd.common.sharding import resolve_shard_indices, shard_ranges
 from vlkd.data.tsv import ButdTsv, OscarTsv, SgbPredictionsTsv, TsvFormatError, check_geometry
 
 from .job import NEW_OUT, Failure, FailureLimit, Shard, ShardJob, image_regions, refuse, run_job
-from .options import BACKENDS, FEATURE_DTYPES, ImportTsvConfig
+from .options import ImportTsvConfig
 from .progress import Progress, format_shards
 
 ROLE = PROPOSALS_ROLE
@@ -679,10 +679,8 @@ class ImportTsvJob(ShardJob):
             seen_c, seen_a = scan_names(names_file, need_attrs)
         if classes is None:
             classes = sorted(seen_c - {FILL_CLASS_NAME})
-        return Vocabulary.build(classes, bool(cfg.labelmap),
-                                (attrs if attrs is not None else sorted(seen_a))
-                                if cfg.attributes else [],
-                                attrs is not None)
+        attributes = [] if not cfg.attributes else attrs if attrs is not None else sorted(seen_a)
+        return Vocabulary.build(classes, bool(cfg.labelmap), attributes, attrs is not None)
 
     def _known_vocabulary(self) -> Vocabulary | None:
         """The vocabulary of an existing set made from the same files (names found by a scan
@@ -829,12 +827,6 @@ def run_import_tsv(cfg: ImportTsvConfig, progress: Progress | None = None) -> Im
     """
     progress = progress or Progress(cfg.log_format, enabled=cfg.progress)
     limit = FailureLimit.parse(cfg.max_failures)
-    if cfg.num_shards < 1:
-        raise ValueError("need --num-shards >= 1")
-    if cfg.backend not in BACKENDS:
-        raise ValueError(f"--backend {cfg.backend!r}: expected hdf5 or zarr")
-    if cfg.feature_dtype not in FEATURE_DTYPES:
-        raise ValueError(f"--feature-dtype {cfg.feature_dtype!r}: expected float16 or float32")
     indices = resolve_shard_indices(cfg.shard_index, cfg.num_shards)
     job = ImportTsvJob(cfg, progress)
     job.start_workers()

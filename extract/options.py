@@ -291,7 +291,8 @@ class ImportTsvConfig:
             file's values exactly).
         max_failures: Exit non-zero (3) when more rows fail: a count (5), a fraction (0.01)
             or a percentage (1%).
-        num_workers: Processes decoding rows ahead of the writer (0: in the job's process).
+        num_workers: Processes decoding rows ahead of the writer, for machines with free
+            cores (0: rows are decoded in the job's process).
         window: Rows per commit; a killed job resumes from the last commit.
         log_format: Progress bar and messages (text), or JSON lines (json), on stderr.
         progress: Show a progress bar / progress lines (--no-progress: none).
@@ -313,7 +314,7 @@ class ImportTsvConfig:
     backend: str = "hdf5"
     feature_dtype: str = "float16"
     max_failures: str = "1%"
-    num_workers: int = 2
+    num_workers: int = 0
     window: int = 128
     log_format: str = "text"
     progress: bool = True
@@ -328,9 +329,15 @@ class ImportTsvConfig:
                              "carry their own boxes and classes")
         if self.format == "butd" and self.hw is not None:
             raise ValueError("--hw does not apply to --format butd: its rows hold the image size")
-        if self.attributes < 0 or self.window < 1 or self.num_workers < 0:
-            raise ValueError(f"need --attributes >= 0, --commit-every >= 1 and --num-workers "
-                             f">= 0, got {self.attributes}, {self.window}, {self.num_workers}")
+        if self.attributes < 0 or self.window < 1 or self.num_workers < 0 or \
+                self.num_shards < 1:
+            raise ValueError(f"need --attributes >= 0, --commit-every >= 1, --num-workers >= 0 "
+                             f"and --num-shards >= 1, got {self.attributes}, {self.window}, "
+                             f"{self.num_workers}, {self.num_shards}")
+        if self.backend not in BACKENDS or self.feature_dtype not in FEATURE_DTYPES:
+            raise ValueError(f"--backend {self.backend!r}, --feature-dtype "
+                             f"{self.feature_dtype!r}: expected one of {', '.join(BACKENDS)} and "
+                             f"one of {', '.join(FEATURE_DTYPES)}")
 
 
 @dataclass(kw_only=True)
