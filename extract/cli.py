@@ -493,10 +493,11 @@ def inspect_cmd(set_dir, other, image_id, draw, images, image_root, max_boxes, u
               "--gpus is 0 (each with cores // N threads).")
 @click.option("--log-dir", default=None, type=click.Path(file_okay=False), help="One log per "
               "shard. [default: <out>.logs beside the set]")
-@click.argument("job", type=click.Choice(["proposals", "teacher-features"]))
+@click.argument("job", type=click.Choice(["proposals", "teacher-features", "import-tsv"]))
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def launch_cmd(gpus, workers, log_dir, job, args) -> None:
-    """Run a job's shards as local processes: vlkd-extract launch --gpus 4 -- proposals ARGS.
+    """Run a job's shards as local processes: vlkd-extract launch --gpus 4 -- proposals ARGS
+    (or teacher-features, import-tsv).
 
     Each process takes the next shard not yet done and runs it as `vlkd-extract JOB ARGS
     --shard-index i`, exactly what an array job runs, until every shard is done; complete
@@ -516,11 +517,12 @@ def launch_cmd(gpus, workers, log_dir, job, args) -> None:
         raise click.UsageError(f"{job} {' '.join(args)}: {e.format_message()}") from None
     with sub:
         kwargs = dict(sub.params)
-        schema = ProposalsConfig if job == "proposals" else TeacherConfig
+        schema = {"proposals": ProposalsConfig, "teacher-features": TeacherConfig,
+                  "import-tsv": ImportTsvConfig}[job]
         cfg = _load(schema, kwargs.pop("job_config"), kwargs.pop("overrides"), kwargs)
     if cfg.shard_index is not None:
         raise click.UsageError("leave --shard-index out: launch gives each process its shards")
-    if job == "proposals":
+    if job in ("proposals", "import-tsv"):
         num_shards = cfg.num_shards
     else:
         from vlkd.common.manifest import ManifestError, read_manifest

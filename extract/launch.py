@@ -30,7 +30,7 @@ from vlkd.common.manifest import ManifestError, read_manifest
 __all__ = ["LaunchError", "ShardOutcome", "LaunchResult", "launch", "COMMANDS"]
 
 #: The jobs launch runs (each takes --shard-index like an array task).
-COMMANDS = ("proposals", "teacher-features")
+COMMANDS = ("proposals", "teacher-features", "import-tsv")
 
 
 class LaunchError(ValueError):
@@ -103,7 +103,7 @@ def launch(command: str, args: Sequence[str], *, num_shards: int, out: str | os.
     """Run shards ``0..num_shards-1`` of ``vlkd-extract COMMAND ARGS`` in local processes.
 
     Args:
-        command: ``proposals`` or ``teacher-features``.
+        command: ``proposals``, ``teacher-features`` or ``import-tsv``.
         args: the command's arguments, without ``--shard-index``.
         num_shards: shards of the set.
         out: the set (``--out``): complete shards are skipped.
@@ -163,7 +163,7 @@ def launch(command: str, args: Sequence[str], *, num_shards: int, out: str | os.
                     "--shard-index", str(i)]
             if gpus:
                 env["CUDA_VISIBLE_DEVICES"] = str(k)
-                if "--device" not in args:
+                if "--device" not in args and command != "import-tsv":  # import runs no model
                     argv += ["--device", "cuda"]
             else:
                 env["CUDA_VISIBLE_DEVICES"] = ""

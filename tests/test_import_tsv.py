@@ -427,3 +427,18 @@ def test_python_api_and_progress_events(tmp_path):
         "start", "shard_done", "summary"]
     assert events[0]["line_index"] == "read test.feature.lineidx"
     assert res.num_images == 3 and res.num_failures == 0 and not res.failures_exceeded
+
+
+def test_launch_runs_import_shards_as_local_processes(tmp_path):
+    """vlkd-extract launch takes import-tsv too (no model: no --device passed). Each shard
+    process judges its own failures against --max-failures, as an array task does (the
+    fixture's one bad row is over 1 % of a shard), so the limit is a count here."""
+    files = _big_vinvl(tmp_path)
+    ref = tmp_path / "ref"
+    invoke_extract(_argv(files, ref, "--num-workers", "0", "--max-failures", "5"))
+    out = tmp_path / "launched"
+    argv = [a for a in _argv(files, out, "--num-workers", "0", "--max-failures", "5")
+            if a not in ("--shard-index", "all")]
+    res = invoke_extract(["launch", "--workers", "2", "--", *argv])
+    assert "launch: 2 shard(s) done, 0 failed" in res.output, res.output
+    assert_same_shards(ref, out)
