@@ -29,9 +29,9 @@ from typing import Any
 from vlkd.common import config as common_config
 from vlkd.common.config import ConfigError
 
-__all__ = ["ModelSpec", "DataConfig", "TaskConfig", "OptimConfig", "TrainConfig",
-           "DistillConfig", "EvalConfig", "RunConfig", "load_config", "ConfigError",
-           "default_losses", "resolved_losses"]
+__all__ = ["ModelSpec", "CorpusConfig", "DataConfig", "TaskConfig", "OptimConfig",
+           "TrainConfig", "DistillConfig", "EvalConfig", "SCSTConfig", "RunConfig",
+           "load_config", "ConfigError", "default_losses", "resolved_losses"]
 
 
 @dataclass
@@ -54,6 +54,49 @@ class ModelSpec:
     config: dict = field(default_factory=dict)
     init_text: str = ""
     init_oscar: str = ""
+
+
+@dataclass
+class CorpusConfig:
+    """One corpus of a pre-training mixture (an entry of ``data.corpora``).
+
+    Attributes:
+        name: Its name in logs and sample keys (``<name>/<key>``); default ``corpus<i>``.
+        regions: The trained model's region set of this corpus's images (the student's for
+            ``distill``).
+        teacher_regions: ``distill``: the teacher-features set aligned to ``regions``.
+        tag_regions: The tag set (as ``data.tag_regions``; default from ``regions``).
+        pairs: The corpus's text: a TSV ``image_id<TAB>caption``, a JSON
+            ``[{image_id, caption}]``, any caption file (COCO / Karpathy), or an Oscar / VinVL
+            pre-training corpus TSV (``img_key<TAB>label_key<TAB>text_a``; detected by its
+            three columns, or ``format: oscar``).
+        split: Karpathy split read from a Karpathy ``pairs`` file (empty: every image).
+        format: ``auto``, ``pairs`` (the vlkd pair formats above) or ``oscar``.
+        oscar_datasets: Oscar corpus: the datasets whose rows are read (the ``img_key``
+            prefixes: ``coco``, ``flickr30k``, ``gqa``, ``googlecc`` (``cc``), ``sbu``, ``oi``,
+            ...); empty: every row.
+        qa_labels: Oscar corpus: ``QA_fileB.tsv`` of the QA rows' dataset (``qa_id<TAB>{"labels":
+            [...]}``), whose labels are the QA rows' text b (the answer, in place of the tags).
+            QA rows are refused without it.
+        image_ids: Oscar corpus: how an ``img_key`` names an image of ``regions``: ``last``
+            (its last ``_`` field, as ``OscarTSVDataset.get_img_feature`` looks features up:
+            ``coco_391895`` is image ``391895``) or ``key`` (the whole ``img_key``).
+        weight: Sampling weight: the corpus's share of every epoch's samples is
+            weight / (sum of the weights), whatever its size (a smaller corpus is cycled, a
+            larger one partly read each epoch; give the sizes as weights to mix in proportion).
+    """
+
+    name: str = ""
+    regions: str = ""
+    teacher_regions: str = ""
+    tag_regions: str = ""
+    pairs: str = ""
+    split: str = ""
+    format: str = "auto"
+    oscar_datasets: list = field(default_factory=list)
+    qa_labels: str = ""
+    image_ids: str = "last"
+    weight: float = 1.0
 
 
 @dataclass
@@ -87,7 +130,13 @@ class DataConfig:
         target_answers: Which form of the human answers the targets count: ``raw`` (as
             written in the annotations, as bottom-up's ``compute_target`` counts them) or
             ``preprocessed`` (``preprocess_answer`` first, so "two" counts for "2").
-        pairs: (image id, caption) pairs for the pretrain task (TSV or JSON).
+        pairs: (image id, caption) pairs for the pretrain task (TSV or JSON), or an Oscar /
+            VinVL pre-training corpus TSV (caption rows; see :class:`CorpusConfig`).
+        corpora: pretrain: several corpora mixed in one run, each with its region sets, text
+            and sampling weight (:class:`CorpusConfig`); replaces ``regions``,
+            ``teacher_regions``, ``tag_regions`` and ``pairs``. Streamed by
+            :class:`~vlkd.train.mixture.MixedStream`: per epoch each corpus contributes its
+            weight's share of the samples exactly, in a seeded order that resumes exactly.
         tokenizer: Directory with a BERT WordPiece ``vocab.txt``. Default: the model
             directory's tokenizer.
         max_text_len: Caption tokens, [CLS] and [SEP] included (``split`` layout).
@@ -128,6 +177,7 @@ class DataConfig:
     soft_score: str = "butd"
     target_answers: str = "raw"
     pairs: str = ""
+    corpora: list[CorpusConfig] = field(default_factory=list)
     tokenizer: str = ""
     max_text_len: int = 40
     max_tag_len: int = 30
@@ -157,7 +207,19 @@ class TaskConfig:
         tag_mask_prob: pretrain: fraction of tag tokens masked.
         tag_swap_prob: pretrain: probability that a sample's tags are replaced by another
             sample's (image-text matching label 1; matched pairs are 0, as Oscar's).
+        caption_swap_prob: pretrain: probability that a sample's caption (text a) is replaced
+            by another image's (Oscar's ``texta_false_prob``; label 2 with
+            ``contrast_classes: 3``, else 1). 0: Oscar's contrastive loss; VinVL's Oscar+
+            recipe is 0.25 with ``tag_swap_prob: 0.25`` and ``contrast_classes: 3``.
+        contrast_classes: pretrain: image-text matching classes (Oscar's
+            ``num_contrast_classes``): 2 (matched / not) or 3 (Oscar+: matched / polluted tags
+            / polluted caption). A new model's ITM head gets this many outputs.
         label_smoothing: Masked-token cross-entropy label smoothing.
+        drop_worst_ratio: caption: fraction of the masked tokens with the highest loss left
+            out of each batch's loss (VinVL's recipe: 0.2), once ``drop_worst_after`` training
+            forwards have run (Oscar ``BertCaptioningLoss``); 0: off.
+        drop_worst_after: caption: training forwards (micro-batches) before the worst tokens
+            are dropped (VinVL's recipe: 20000).
     """
 
     name: str = "caption"
@@ -165,7 +227,11 @@ class TaskConfig:
     max_masked: int = 3
     tag_mask_prob: float = 0.15
     tag_swap_prob: float = 0.5
+    caption_swap_prob: float = 0.0
+    contrast_classes: int = 2
     label_smoothing: float = 0.1
+    drop_worst_ratio: float = 0.0
+    drop_worst_after: int = 0
 
 
 @dataclass
@@ -181,6 +247,9 @@ class OptimConfig:
         warmup_ratio: Warm-up as a fraction of all optimizer steps.
         max_grad_norm: Gradient clipping norm (0: no clipping).
         grad_accum: Micro-batches per optimizer step.
+        freeze_embedding: Keep the word embeddings fixed (Oscar's ``--freeze_embedding``,
+            VinVL's captioning recipe); the masked-token head's decoder is tied to them, so it
+            stays fixed too.
     """
 
     lr: float = 1e-4
@@ -191,6 +260,7 @@ class OptimConfig:
     warmup_ratio: float = 0.05
     max_grad_norm: float = 1.0
     grad_accum: int = 1
+    freeze_embedding: bool = False
 
 
 @dataclass
@@ -283,6 +353,33 @@ class EvalConfig:
 
 
 @dataclass
+class SCSTConfig:
+    """Self-critical sequence training (``--scst``), Oscar's CIDEr optimisation after
+    cross-entropy training (:mod:`vlkd.train.scst`).
+
+    Attributes:
+        enabled: Train captioning by SCST: for every training image, ``samples`` captions are
+            sampled and scored by CIDEr-D against the image's training references; the loss is
+            -(reward - baseline) x the mean log-probability of each sampled caption (Oscar
+            ``ScstRewardCriterion``). The task term becomes ``scst``.
+        samples: Captions sampled per image (Oscar ``--sc_train_sample_n``).
+        baseline: ``greedy`` (the CIDEr-D of the greedy caption, in eval mode: self-critical)
+            or ``sample`` (the mean reward of the image's other samples).
+        max_len: Longest sampled or greedy caption, in tokens with the closing [SEP] (Oscar
+            ``--max_gen_length``).
+        cider_df: The CIDEr-D document-frequency cache (JSON, built once from the training
+            references and reused while they stay the same); default
+            ``<output_dir>/cider-df.json.gz``.
+    """
+
+    enabled: bool = False
+    samples: int = 5
+    baseline: str = "greedy"
+    max_len: int = 20
+    cider_df: str = ""
+
+
+@dataclass
 class RunConfig:
     """Everything a ``vlkd-train`` run needs; its resolved form is ``<output_dir>/config.yaml``.
 
@@ -299,6 +396,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    scst: SCSTConfig = field(default_factory=SCSTConfig)
     losses: dict = field(default_factory=dict)
 
 
@@ -340,8 +438,11 @@ def resolved_losses(cfg: "RunConfig", distill: bool) -> dict:
     """Default loss terms for the run's task and command with ``cfg.losses`` merged in.
 
     A term whose ``type`` the config changes (``hidden: {type: hidden_mse}``) keeps the
-    default's weight but not its ``params``, which belong to the other loss."""
+    default's weight but not its ``params``, which belong to the other loss. With
+    ``scst.enabled`` the ``task`` term is ``scst`` (:class:`~vlkd.train.losses.SCSTLoss`)."""
     base = default_losses(cfg.task, distill)
+    if cfg.scst.enabled:  # the task term is the policy gradient (the KD terms stay)
+        base["task"] = {"type": "scst", "weight": 1.0, "params": {}}
     for name, term in (cfg.losses or {}).items():
         old = base.get(name)
         if (isinstance(term, dict) and isinstance(old, dict) and "type" in term

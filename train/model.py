@@ -62,6 +62,7 @@ __all__ = [
     "VQA_HEADS",
     "ITM_MATCHED",
     "ITM_OTHER_TAGS",
+    "ITM_OTHER_CAPTION",
     "HEAD_TASKS",
     "task_heads",
 ]
@@ -72,10 +73,11 @@ IGNORE_INDEX = -100
 #: ``VLConfig.vqa_head`` values (see :class:`VQAHead`).
 VQA_HEADS = ("mlp", "linear", "oscar_mlp")
 
-#: Image-text matching label of a matched pair, and of tags from another image (Oscar's
-#: ``BertImgForPreTraining`` labels, microsoft/Oscar ``oscar/datasets/oscar_tsv.py``
-#: ``random_sent``: 0 = matched, 1 = text b replaced, 2 = text a replaced).
-ITM_MATCHED, ITM_OTHER_TAGS = 0, 1
+#: Image-text matching labels of a matched pair, of tags from another image, and (3 classes,
+#: Oscar+) of a caption from another image (Oscar's ``BertImgForPreTraining`` labels,
+#: microsoft/Oscar ``oscar/datasets/oscar_tsv.py`` ``random_sent``: 0 = matched, 1 = text b
+#: replaced, ``num_contrast_classes - 1`` = text a replaced).
+ITM_MATCHED, ITM_OTHER_TAGS, ITM_OTHER_CAPTION = 0, 1, 2
 
 #: ``task`` values of the forward that run one head (or none) by its name. A registered task
 #: (:data:`vlkd.train.tasks.TASKS`: ``caption``, ``vqa``, ``pretrain``) names its own heads.

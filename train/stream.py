@@ -48,7 +48,7 @@ from vlkd.common.regionset import ImageRegions, RegionSet, ShardReader
 log = logging.getLogger(__name__)
 
 __all__ = ["Record", "Sample", "AlignmentError", "check_alignment", "resolve_tag_set",
-           "TAG_SOURCES", "tag_attribute_names",
+           "TAG_SOURCES", "tag_attribute_names", "EpochGeometry",
            "RegionStream", "make_loader", "pad_regions", "worker_skips", "split_range"]
 
 
@@ -61,12 +61,15 @@ class Record:
         image_id: The region-set key of its image.
         text: Caption, question or pair text ("" for an image-only eval sample).
         answers: VQA soft targets, ``((answer index, score), ...)``.
+        text_b: pretrain: the second text in place of the object tags (an Oscar+ QA row's
+            answer); "" for the tags.
     """
 
     key: str
     image_id: str
     text: str = ""
     answers: tuple = ()
+    text_b: str = ""
 
 
 class Sample:
@@ -246,7 +249,49 @@ def _copy_small(r: ImageRegions) -> ImageRegions:
                         box_digest=r.box_digest, image_digest=r.image_digest)
 
 
-class RegionStream(IterableDataset):
+class EpochGeometry:
+    """What a stream's epoch looks like from its per-worker sample counts: batches per worker
+    and rank, the epoch to read and the batches to skip (a resumed run's data position).
+    Shared by :class:`RegionStream` and :class:`~vlkd.train.mixture.MixedStream`, which define
+    ``slot_samples(rank)`` and have ``batch_size``, ``num_workers``, ``rank``, ``world_size``."""
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Selects the epoch (its order) and how many of this rank's batches to skip."""
+        per_rank = self.batches_per_rank()[self.rank]
+        if not 0 <= skip_batches <= per_rank:
+            raise ValueError(f"skip_batches {skip_batches} outside 0..{per_rank}")
+        self.epoch, self._skip_batches = int(epoch), int(skip_batches)
+
+    @property
+    def workers(self) -> int:
+        return max(1, self.num_workers)
+
+    def batches_per_worker(self, rank: int | None = None) -> list[int]:
+        return [math.ceil(n / self.batch_size) for n in self.slot_samples(rank)]
+
+    def batches_per_rank(self) -> list[int]:
+        """Batches every rank yields per epoch (they differ by at most a few)."""
+        return [sum(self.batches_per_worker(r)) for r in range(self.world_size)]
+
+    def __len__(self) -> int:
+        return self.batches_per_rank()[self.rank]
+
+    def _worker_slot(self) -> tuple[int, int]:
+        """(the worker slot this DataLoader worker plays, its batches already consumed): the
+        resumed loader's round-robin restarts at worker 0, so the slots rotate (see
+        :func:`worker_skips`)."""
+        info = get_worker_info()
+        worker, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if nworkers != self.workers:
+            raise RuntimeError(f"{type(self).__name__} was built for {self.num_workers} "
+                               f"DataLoader workers but runs under {nworkers}; pass the same "
+                               "num_workers to both (make_loader does)")
+        skips, first = worker_skips(self.batches_per_worker(), self._skip_batches)
+        worker = (worker + first) % self.workers
+        return worker, skips[worker]
+
+
+class RegionStream(EpochGeometry, IterableDataset):
     """Batches of task inputs streamed from region sets; see the module docstring.
 
     Args:
@@ -375,33 +420,12 @@ class RegionStream(IterableDataset):
                         missing, len(self._by_image), self.tags.path)
         return out
 
-    # ---- epoch geometry
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        """Selects the epoch (its order) and how many of this rank's batches to skip."""
-        per_rank = self.batches_per_rank()[self.rank]
-        if not 0 <= skip_batches <= per_rank:
-            raise ValueError(f"skip_batches {skip_batches} outside 0..{per_rank}")
-        self.epoch, self._skip_batches = int(epoch), int(skip_batches)
-
-    @property
-    def workers(self) -> int:
-        return max(1, self.num_workers)
-
+    # ---- epoch geometry (the rest: EpochGeometry)
     def slot_samples(self, rank: int | None = None) -> list[int]:
         """Samples of each worker of ``rank`` per epoch."""
         rank = self.rank if rank is None else rank
         lo, hi = split_range(self.num_samples, self.world_size, rank)
         return [b - a for a, b in (split_range(hi - lo, self.workers, w) for w in range(self.workers))]
-
-    def batches_per_worker(self, rank: int | None = None) -> list[int]:
-        return [math.ceil(n / self.batch_size) for n in self.slot_samples(rank)]
-
-    def batches_per_rank(self) -> list[int]:
-        """Batches every rank yields per epoch (they differ by at most a few)."""
-        return [sum(self.batches_per_worker(r)) for r in range(self.world_size)]
-
-    def __len__(self) -> int:
-        return self.batches_per_rank()[self.rank]
 
     def _epoch_chunks(self, epoch: int) -> list[tuple[_ShardPlan, np.ndarray]]:
         rng = np.random.default_rng([self.seed, epoch, 0xC4])
@@ -418,17 +442,10 @@ class RegionStream(IterableDataset):
 
     # ---- iteration
     def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        worker, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if nworkers != self.workers:
-            raise RuntimeError(f"RegionStream was built for {self.num_workers} DataLoader workers "
-                               f"but runs under {nworkers}; pass the same num_workers to both "
-                               "(make_loader does)")
-        skips, first = worker_skips(self.batches_per_worker(), self._skip_batches)
-        worker = (worker + first) % self.workers  # see worker_skips
+        worker, done = self._worker_slot()
         lo, hi = split_range(self.num_samples, self.world_size, self.rank)
         a, b = split_range(hi - lo, self.workers, worker)
-        skip = skips[worker] * self.batch_size
+        skip = done * self.batch_size
         batch: list[dict] = []
         for sample in self._samples(self.epoch, lo + a, lo + b, skip, worker):
             batch.append(sample)
@@ -449,9 +466,24 @@ class RegionStream(IterableDataset):
         reading features (for tests and diagnostics)."""
         lo, hi = split_range(self.num_samples, self.world_size, rank)
         a, b = split_range(hi - lo, self.workers, worker)
+        return self.refs_between(epoch, lo + a, lo + b, rank, worker)
+
+    def samples_between(self, epoch: int, lo: int, hi: int, *, skip: int = 0,
+                        worker: int = 0) -> Iterator[dict]:
+        """Transformed samples of the epoch's global positions ``lo:hi`` in emission order
+        (through a shuffle buffer seeded by the epoch, this stream's rank and ``worker``), the
+        first ``skip`` left out without reading their features: what one worker's slot reads.
+        :class:`~vlkd.train.mixture.MixedStream` reads its corpora through this."""
+        return self._samples(epoch, lo, hi, skip, worker)
+
+    def refs_between(self, epoch: int, lo: int, hi: int, rank: int | None = None,
+                     worker: int = 0) -> Iterator[tuple[str, str]]:
+        """(image id, record key) of what :meth:`samples_between` emits, without reading
+        features."""
+        rank = self.rank if rank is None else rank
         chunks = self._epoch_chunks(epoch)
         ids = {}
-        for ref in self._ordered_refs(chunks, lo + a, lo + b, epoch, rank, worker, {}):
+        for ref in self._ordered_refs(chunks, lo, hi, epoch, rank, worker, {}):
             p, pos = chunks[ref[0]]
             if p.pos not in ids:
                 ids[p.pos] = ShardReader(p.paths[0], p.index).image_ids

@@ -217,7 +217,9 @@ class Task:
     * :meth:`from_config` builds the data side from the config;
     * :meth:`default_losses` gives the task's loss terms (distillation adds its own);
     * :meth:`train_records` / :meth:`eval_records` read the annotation files into records
-      (and evaluation references);
+      (and evaluation references); :meth:`corpus_records` those of one corpus of a mixture
+      (``data.corpora``), for the tasks that take one;
+    * :meth:`itm_classes` says how many image-text matching outputs a new model needs;
     * :meth:`has_eval` says whether the config names an evaluation set (periodic evaluation);
     * :meth:`predict`, :meth:`score`, :meth:`result_rows` predict over an evaluation stream,
       score against the references, and lay predictions out in the results-file format.
@@ -268,6 +270,19 @@ class Task:
     def train_records(cls, cfg: "RunConfig", answers: list[str] | None = None) -> list[Record]:
         """Training samples from the ``data`` annotation files."""
         raise NotImplementedError(f"task {cls.name!r} declares no training records")
+
+    @classmethod
+    def corpus_records(cls, cfg: "RunConfig", corpus, answers: list[str] | None = None
+                       ) -> list[Record]:
+        """Training samples of one corpus of ``data.corpora``
+        (:class:`~vlkd.train.config.CorpusConfig`)."""
+        raise ConfigError(f"task {cls.name!r} does not take data.corpora (mixed corpora are "
+                          "for --task pretrain); use data.regions and the task's annotations")
+
+    @classmethod
+    def itm_classes(cls, cfg: "RunConfig") -> int | None:
+        """Image-text matching outputs a new model needs (None: the model's own)."""
+        return None
 
     @classmethod
     def has_eval(cls, cfg: "RunConfig") -> bool:
