@@ -3,21 +3,14 @@ distill, evaluate, alignment refusal, and a real SIGKILL followed by --resume.""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-from train_data import (cli_args, invoke, losses, make_world, metrics, scenes, train_teacher,
-                        write_sets)
+from train_data import (cli_args, invoke, losses, make_world, metrics, scenes, sigkill_when,
+                        train_teacher, write_sets)
 from vlkd.train.cli import main
-
-PY = sys.executable
 
 
 @pytest.fixture(scope="module")
@@ -207,17 +200,9 @@ def test_sigkill_then_resume_gives_the_same_losses(world, tmp_path):
             *cli_args(world, out, "--set", "train.checkpoint_every=4",
                       "--set", "losses.hidden.params.queue_size=64", *extra, steps=60)]]
 
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([PY, "-m", "vlkd.train.cli", *args(killed)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ck = killed / "checkpoints" / "step-00000004"
-    deadline = time.time() + 120
-    while not ck.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert ck.exists(), proc.stderr.read().decode()[-2000:]
+    sigkill_when(args(killed), ck, timeout=120)
     assert not (killed / "final").exists()  # it really died mid-run
     done = max(losses(killed), default=0)
     assert 4 <= done < 60

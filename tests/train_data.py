@@ -180,6 +180,35 @@ def invoke(args: list[str]):
     return res
 
 
+def sigkill_when(args: list[str], path: Path, timeout: float = 180) -> str:
+    """Runs ``python -m vlkd.train.cli ARGS`` (one thread) and kills it with SIGKILL (no
+    cleanup) as soon as ``path`` exists; fails unless it does. Returns the run's stderr."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "vlkd.train.cli", *map(str, args)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    while not Path(path).exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    err = proc.stderr.read().decode()
+    assert Path(path).exists(), err[-2000:]
+    return err
+
+
+def caption_model(world: dict, out: Path, steps: int, *extra: str) -> Path:
+    """A tiny captioning model trained ``steps`` steps on the student set: its ``final/``."""
+    invoke(["finetune", "--task", "caption", "--regions", world["student"], "--model", "tiny",
+            *cli_args(world, out, *extra, steps=steps)])
+    return Path(out) / "final"
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["META_NAME", "ANSWERS_NAME", "read_meta", "resolve_tokenizer", "load_answers",
            "train_records", "eval_records", "build_model", "load_model_dir", "save_model_dir",
-           "make_encoder", "make_stream", "build_combiner", "RunInputs"]
+           "make_encoder", "make_stream", "build_combiner", "RunInputs", "corpus_views",
+           "primary_view", "train_stream", "scst_records", "scst_module", "freeze_word_embeddings"]
 
 META_NAME = "vlkd_train.json"
 ANSWERS_NAME = "answers.txt"
@@ -147,7 +148,7 @@ def load_model_dir(path: str | Path, overrides: dict | None = None) -> VLModel:
 
 
 def build_model(spec: ModelSpec, *, region_dim: int, vocab_size: int,
-                num_answers: int | None = None) -> VLModel:
+                num_answers: int | None = None, num_itm_classes: int | None = None) -> VLModel:
     """The model of ``spec`` (preset, config file or directory), checked against the data.
 
     Args:
@@ -155,6 +156,8 @@ def build_model(spec: ModelSpec, *, region_dim: int, vocab_size: int,
         region_dim: The region set's feature width (a new model takes it).
         vocab_size: The tokenizer's size (a new model takes it unless initialised from BERT).
         num_answers: VQA answer count (a new model takes it).
+        num_itm_classes: Image-text matching outputs the task needs (a new model takes it; a
+            trained model with another count is refused).
     """
     from . import weights
 
@@ -173,6 +176,8 @@ def build_model(spec: ModelSpec, *, region_dim: int, vocab_size: int,
         new = {"region_dim": region_dim, "vocab_size": vocab_size}
         if num_answers:
             new["num_answers"] = num_answers
+        if num_itm_classes:
+            new["num_itm_classes"] = num_itm_classes
         if spec.init_text:
             hf = json.loads((Path(spec.init_text) / "config.json").read_text())
             new["vocab_size"] = hf["vocab_size"]
@@ -199,7 +204,18 @@ def build_model(spec: ModelSpec, *, region_dim: int, vocab_size: int,
         raise ConfigError(f"model {spec.model!r} predicts {c.num_answers} answers but the answer "
                           f"vocabulary has {num_answers}; pass the model's answers.txt as "
                           "data.answer_vocab")
+    if num_itm_classes and "itm" in c.heads and c.num_itm_classes != num_itm_classes:
+        raise ConfigError(f"model {spec.model!r} has {c.num_itm_classes} image-text matching "
+                          f"outputs but task.contrast_classes is {num_itm_classes}; start the "
+                          f"{num_itm_classes}-way contrastive loss from a new model or one "
+                          "trained with it")
     return model
+
+
+def freeze_word_embeddings(model: VLModel) -> None:
+    """``optim.freeze_embedding``: the word embeddings (and the masked-token decoder tied to
+    them) get no gradient and no optimizer state (Oscar's ``--freeze_embedding``)."""
+    model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
 
 
 def save_model_dir(model: VLModel, directory: Path, tokenizer, meta: dict,
@@ -301,6 +317,137 @@ def make_stream(cfg: RunConfig, records: list[Record], task: Task, *, regions: s
                         tag_attributes=d.tag_attributes, shuffle=shuffle, seed=cfg.train.seed,
                         chunk_size=d.chunk_size, shuffle_buffer=d.shuffle_buffer,
                         num_workers=d.num_workers, rank=rank, world_size=world_size)
+
+
+def corpus_views(cfg: RunConfig) -> list[tuple[str, RunConfig, Any]]:
+    """``data.corpora`` as (name, the run's config seen from the corpus, the corpus): the
+    view's ``data.regions`` / ``teacher_regions`` / ``tag_regions`` / ``pairs`` are the
+    corpus's and its ``train.seed`` is :func:`~vlkd.train.mixture.corpus_seed` of its index
+    (the first corpus keeps the run's seed)."""
+    import dataclasses
+
+    from .mixture import corpus_seed
+
+    out = []
+    for i, c in enumerate(cfg.data.corpora):
+        name = c.name or f"corpus{i}"
+        if not c.regions:
+            raise ConfigError(f"data.corpora[{i}] ({name}): no region set (regions=SET)")
+        data = dataclasses.replace(cfg.data, regions=c.regions, teacher_regions=c.teacher_regions,
+                                   tag_regions=c.tag_regions, pairs=c.pairs, corpora=[])
+        train = dataclasses.replace(cfg.train, seed=corpus_seed(cfg.train.seed, i))
+        out.append((name, dataclasses.replace(cfg, data=data, train=train), c))
+    return out
+
+
+def primary_view(cfg: RunConfig) -> RunConfig:
+    """The config whose ``data`` sets fix the model's inputs (feature widths, tag names, the
+    teacher set checked): ``cfg`` itself, or with ``data.corpora`` the first corpus's view
+    (every other corpus must give the same inputs; :func:`train_stream` checks)."""
+    import dataclasses
+
+    if not cfg.data.corpora:
+        return cfg
+    if cfg.data.regions or cfg.data.pairs or cfg.data.teacher_regions:
+        raise ConfigError("data.corpora replaces data.regions, data.teacher_regions and "
+                          "data.pairs (--regions / --student-regions / --teacher-regions / "
+                          "--pairs); give each corpus its own")
+    view = corpus_views(cfg)[0][1]
+    return dataclasses.replace(view, train=cfg.train)
+
+
+def train_stream(cfg: RunConfig, task: Task, *, distill: bool, answers: list[str] | None = None,
+                 records: list[Record] | None = None, rank: int = 0, world_size: int = 1):
+    """The training stream: a :class:`~vlkd.train.stream.RegionStream` over ``data.regions``
+    (the task's records, or ``records``), or, with ``data.corpora``, a
+    :class:`~vlkd.train.mixture.MixedStream` of one stream per corpus (the task's
+    :meth:`~vlkd.train.tasks.base.Task.corpus_records`), checked to give the model the same
+    inputs (feature widths, tag class names)."""
+    d = cfg.data
+    if not d.corpora:
+        return make_stream(cfg, records if records is not None else train_records(cfg, answers),
+                           task, regions=d.regions,
+                           teacher_regions=d.teacher_regions if distill else None,
+                           rank=rank, world_size=world_size)
+    from .mixture import MixedStream
+
+    spec = TASKS.get(cfg.task.name)
+    streams, names = [], []
+    for i, (name, view, corpus) in enumerate(corpus_views(cfg)):
+        if distill and not corpus.teacher_regions:
+            raise ConfigError(f"data.corpora[{i}] ({name}): distill needs its teacher_regions "
+                              "(the teacher-features set aligned to its regions)")
+        recs = spec.corpus_records(cfg, _named(corpus, name), answers)
+        s = make_stream(view, recs, task, regions=corpus.regions,
+                        teacher_regions=corpus.teacher_regions if distill else None,
+                        rank=rank, world_size=world_size)
+        if streams:
+            first, what = streams[0], f"data.corpora[{i}] ({name}) and [0] ({names[0]})"
+            if s.regions.feature_dim != first.regions.feature_dim:
+                raise ConfigError(f"{what} have {s.regions.feature_dim}-d and "
+                                  f"{first.regions.feature_dim}-d region features; one model "
+                                  "reads them all, so they need the same detector's features")
+            if distill and s.teacher.feature_dim != first.teacher.feature_dim:
+                raise ConfigError(f"{what} have {s.teacher.feature_dim}-d and "
+                                  f"{first.teacher.feature_dim}-d teacher features")
+            if (s.class_names, s.attribute_names) != (first.class_names, first.attribute_names):
+                raise ConfigError(f"{what} have different tag class names (their tag sets "
+                                  f"{s.tags.path} and {first.tags.path}); the tags of every "
+                                  "corpus must come from the same detector's classes")
+        streams.append(s)
+        names.append(name)
+    return MixedStream(streams, [c.weight for c in d.corpora], names, collate=task.collate,
+                       seed=cfg.train.seed)
+
+
+def _named(corpus, name: str):
+    """The corpus with its default name filled in (``corpus<i>``)."""
+    import dataclasses
+
+    return corpus if corpus.name else dataclasses.replace(corpus, name=name)
+
+
+def scst_records(cfg: RunConfig) -> tuple[list[Record], dict[str, list[str]]]:
+    """SCST's training samples: one record per training image of ``data.captions`` /
+    ``data.split`` (its text empty: the caption is sampled), and the image's reference
+    captions, which the reward scores the samples against."""
+    from vlkd.data.captions import captions_by_image
+
+    from .tasks.caption import _load_caption_split
+
+    if not cfg.data.captions:
+        raise ConfigError("--scst needs data.captions (--captions FILE): the training references")
+    refs = captions_by_image(_load_caption_split(cfg.data.captions, cfg.data.split))
+    return [Record(i, i) for i in sorted(refs)], refs
+
+
+def scst_module(cfg: RunConfig, model: VLModel, combiner, *, tokenizer,
+                references: dict[str, list[str]], teacher: VLModel | None = None,
+                teacher_task: str = "none", env=None):
+    """The :class:`~vlkd.train.scst.SCSTModule` of a ``--scst`` run: the references as the
+    reward compares them, CIDEr-D document frequencies from ``scst.cider_df`` (default
+    ``<output_dir>/cider-df.json.gz``; counted once by rank 0 and saved, read by the others),
+    and the frozen teacher (on the device) for ``distill --scst``."""
+    from .distributed import barrier
+    from .scst import CiderReward, SCSTModule, reference_texts
+
+    s = cfg.scst
+    refs = reference_texts(tokenizer, references)
+    path = s.cider_df or str(Path(cfg.train.output_dir) / "cider-df.json.gz")
+    main = env is None or env.is_main
+    reward = CiderReward.cached(path, refs) if main else None
+    if env is not None:
+        barrier(env)
+    if reward is None:
+        reward = CiderReward.cached(path, refs, write=False)
+    if teacher is not None:
+        teacher.to(env.device if env is not None else "cpu").eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    return SCSTModule(model, combiner, references=refs, reward=reward, tokenizer=tokenizer,
+                      samples=s.samples, baseline=s.baseline, max_len=s.max_len,
+                      max_text_len=cfg.data.max_text_len, teacher=teacher,
+                      teacher_task=teacher_task)
 
 
 def build_combiner(cfg: RunConfig, student: VLModel, teacher: VLModel | None, *,

@@ -102,6 +102,7 @@ _COMMON_OPTIONS = [
     _key("data.batch_size", "--batch-size"),
     _key("optim.lr", "--lr"),
     _key("train.seed", "--seed"),
+    _key("scst.enabled", "--scst"),
     click.option("--resume", metavar="DIR|auto",
                  help="Continue from a checkpoint directory, or the latest in a run directory. "
                       "'auto': the latest checkpoint of --output-dir when it has one, else start "
@@ -145,11 +146,16 @@ def _train(command: str, cfg, resume: str | None) -> None:
     _setup_logging(env.rank)
     try:
         distill = command == "distill"
-        if not cfg.data.regions:
+        prim = build.primary_view(cfg)  # with data.corpora: the first corpus's sets
+        if not prim.data.regions:
             raise ConfigError("no region set: pass --regions (finetune) or --student-regions "
-                              "(distill) [data.regions]")
-        if distill and not (cfg.distill.teacher and cfg.data.teacher_regions):
-            raise ConfigError("distill needs --teacher DIR and --teacher-regions DIR")
+                              "(distill) [data.regions], or data.corpora")
+        if distill and not (cfg.distill.teacher and prim.data.teacher_regions):
+            raise ConfigError("distill needs --teacher DIR and --teacher-regions DIR" + (
+                " (with data.corpora: every corpus's teacher_regions)" if cfg.data.corpora
+                else ""))
+        if cfg.scst.enabled and (cfg.task.name != "caption" or cfg.data.corpora):
+            raise ConfigError("--scst optimises captions: --task caption over data.regions")
         run_dir = Path(cfg.train.output_dir)
         if env.is_main:
             save(cfg, run_dir)
@@ -158,24 +164,37 @@ def _train(command: str, cfg, resume: str | None) -> None:
         spec = TASKS.get(cfg.task.name)
         tokenizer = build.resolve_tokenizer(cfg, model_dir)
         answers = build.load_answers(cfg, model_dir) if spec.needs_answers else None
-        regions = RegionSet(cfg.data.regions)
-        class_names = build.tag_class_names(cfg.data.regions, cfg.data.tag_regions)
+        regions = RegionSet(prim.data.regions)
+        class_names = build.tag_class_names(prim.data.regions, prim.data.tag_regions)
         encoder = build.make_encoder(cfg, tokenizer, class_names)
-        task = build_task(cfg, encoder, num_answers=len(answers or []))
-        records = build.train_records(cfg, answers)
-        stream = build.make_stream(cfg, records, task, regions=cfg.data.regions,
-                                   teacher_regions=cfg.data.teacher_regions if distill else None,
-                                   rank=env.rank, world_size=env.world_size)
+        # SCST samples the captions: its samples are the evaluation task's (text = [CLS])
+        task = build_task(cfg, encoder, train=not cfg.scst.enabled,
+                          num_answers=len(answers or []))
+        records, scst_refs = build.scst_records(cfg) if cfg.scst.enabled else (None, None)
+        stream = build.train_stream(cfg, task, distill=distill, answers=answers,
+                                    records=records, rank=env.rank, world_size=env.world_size)
         model = build.build_model(cfg.model, region_dim=regions.feature_dim,
                                   vocab_size=len(tokenizer),
-                                  num_answers=len(answers) if answers else None)
+                                  num_answers=len(answers) if answers else None,
+                                  num_itm_classes=spec.itm_classes(cfg))
+        if cfg.optim.freeze_embedding:
+            build.freeze_word_embeddings(model)
         teacher = None
         if distill:
             teacher = build.load_model_dir(cfg.distill.teacher)
-            _check_teacher(cfg, teacher, tokenizer, model)
+            _check_teacher(prim, teacher, tokenizer, model)
         combiner = build.build_combiner(cfg, model, teacher, tokenizer=tokenizer,
                                         answers=answers)
-        module = TrainModule(model, combiner, spec.name, task.seq2seq())
+        teacher_task = spec.name if any(
+            m.registry_name == "logit_kd" and combiner.weights[n]
+            for n, m in combiner.terms.items()) else "none"
+        if cfg.scst.enabled:  # the module runs the teacher itself, on the sampled captions
+            module = build.scst_module(cfg, model, combiner, tokenizer=tokenizer,
+                                       references=scst_refs, teacher=teacher,
+                                       teacher_task=teacher_task, env=env)
+            teacher = None
+        else:
+            module = TrainModule(model, combiner, spec.name, task.seq2seq())
         meta = build.run_meta(cfg, tokenizer, class_names)
         inputs = RunInputs(tokenizer, encoder, task, answers, class_names, meta)
 
@@ -194,9 +213,6 @@ def _train(command: str, cfg, resume: str | None) -> None:
             evaluate = make_eval_fn(spec.name, ev_stream, refs, cfg, tokenizer=tokenizer,
                                     answers=answers, device=env.device, amp=amp, env=env)
             metric = cfg.eval.metric or spec.metric
-        teacher_task = spec.name if any(
-            m.registry_name == "logit_kd" and combiner.weights[n]
-            for n, m in combiner.terms.items()) else "none"
         trainer = Trainer(cfg, module, stream, run_dir, env, save_model, teacher=teacher,
                           teacher_task=teacher_task, evaluate=evaluate, eval_metric=metric,
                           name=command)
@@ -206,7 +222,7 @@ def _train(command: str, cfg, resume: str | None) -> None:
             trainer.resume(resume)
         log.info("%s: %d samples (%d batches/epoch/rank), %d steps, %d-d regions%s, terms %s",
                  command, stream.num_samples, len(stream), trainer.total_steps,
-                 regions.feature_dim, f", teacher {cfg.distill.teacher}" if teacher else "",
+                 regions.feature_dim, f", teacher {cfg.distill.teacher}" if distill else "",
                  sorted(n for n in combiner.terms if combiner.weights[n]))
         trainer.train()
         if env.is_main:

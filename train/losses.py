@@ -60,6 +60,7 @@ __all__ = [
     "MaskedTokenLoss",
     "VQABCELoss",
     "ITMLoss",
+    "SCSTLoss",
     "AttentionMSELoss",
     "HiddenInfoNCELoss",
     "HiddenMSELoss",
@@ -258,19 +259,38 @@ class MaskedTokenLoss(KDLoss):
     (Oscar writes it as the KL divergence, which differs by the constant entropy of q.)
     Used for masked LM over text and tags (pre-training) and for captioning.
 
+    ``drop_worst_ratio`` r > 0 (VinVL's captioning recipe, Oscar ``BertCaptioningLoss``): once
+    more than ``drop_worst_after`` training forwards have run, the mean is over the
+    ``max(1, int(N (1 - r)))`` positions of the batch with the smallest loss, so the worst
+    r of the masked tokens (likely label noise) give no gradient. The forward count is a
+    buffer (``iteration``), checkpointed with the loss; evaluation forwards do not count.
+
     Example config::
 
         task: {type: masked_token_ce, weight: 1.0, params: {label_smoothing: 0.1}}
+        task: {type: masked_token_ce, weight: 1.0,          # VinVL's captioning recipe
+               params: {label_smoothing: 0.1, drop_worst_ratio: 0.2, drop_worst_after: 20000}}
 
     Args:
         label_smoothing: ε in [0, 1).
+        drop_worst_ratio: r in [0, 1): fraction of the positions with the highest loss left
+            out; 0: none.
+        drop_worst_after: Training forwards before positions are dropped (Oscar's
+            ``self.iter > drop_worst_after``).
     """
 
-    def __init__(self, label_smoothing: float = 0.0):
+    def __init__(self, label_smoothing: float = 0.0, drop_worst_ratio: float = 0.0,
+                 drop_worst_after: int = 0):
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"masked_token_ce: label_smoothing must be in [0, 1), got {label_smoothing}")
+        if not 0.0 <= drop_worst_ratio < 1.0 or drop_worst_after < 0:
+            raise ValueError(f"masked_token_ce: drop_worst_ratio must be in [0, 1) and "
+                             f"drop_worst_after >= 0, got {drop_worst_ratio}, {drop_worst_after}")
         self.label_smoothing = float(label_smoothing)
+        self.drop_worst_ratio, self.drop_worst_after = float(drop_worst_ratio), int(drop_worst_after)
+        if self.drop_worst_ratio > 0:  # only then: other runs keep their checkpoint keys
+            self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """
@@ -285,15 +305,23 @@ class MaskedTokenLoss(KDLoss):
         logits, labels = logits.reshape(-1, vocab), labels.reshape(-1).to(logits.device)
         keep = labels != IGNORE_INDEX
         logits, labels = logits[keep], labels[keep]
+        drop = self.drop_worst_ratio > 0 and self.training
+        if drop:
+            self.iteration += 1
         if labels.numel() == 0:
             return logits.sum() * 0.0
         logp = F.log_softmax(logits.float(), dim=-1)
         nll = -logp.gather(1, labels[:, None]).squeeze(1)
         if self.label_smoothing == 0.0:
-            return nll.mean()
-        eps = self.label_smoothing
-        others = -(logp.sum(dim=1)) - nll  # Σ_{v≠y} -log p_v
-        return ((1.0 - eps) * nll + eps / (vocab - 1) * others).mean()
+            per_token = nll
+        else:
+            eps = self.label_smoothing
+            others = -(logp.sum(dim=1)) - nll  # Σ_{v≠y} -log p_v
+            per_token = (1.0 - eps) * nll + eps / (vocab - 1) * others
+        if drop and int(self.iteration) > self.drop_worst_after:
+            keep = max(1, int(per_token.shape[0] * (1.0 - self.drop_worst_ratio)))
+            per_token = torch.topk(per_token, keep, largest=False).values
+        return per_token.mean()
 
     def compute(self, student, teacher, batch):
         if student.mlm_logits is None:
@@ -352,6 +380,56 @@ class ITMLoss(KDLoss):
                              "or 'pretrain'")
         return self(student.itm_logits, _batch_tensor(batch, "itm_labels", "itm_ce",
                                                       student.itm_logits.device))
+
+
+@register_loss("scst")
+class SCSTLoss(KDLoss):
+    r"""Self-critical policy gradient of sampled captions (Oscar ``ScstRewardCriterion``).
+
+    For sampled caption s with tokens :math:`w_1..w_{m_s}` (its [SEP] included), advantage
+    :math:`a_s` = CIDEr-D(s) − baseline (the greedy caption's, or the mean of the image's other
+    samples) and the model's log-probabilities of its tokens:
+
+    .. math:: \mathcal{L} = -\frac{1}{S}\sum_s a_s\,\frac{1}{m_s}\sum_{t=1}^{m_s}
+              \log p(w_t \mid w_{<t}, \text{image})
+
+    (Oscar averages the log-probabilities over the caption's steps, then multiplies by the
+    reward.) The batch comes from :class:`~vlkd.train.scst.SCSTModule`, which samples, scores
+    and lays the captions out: the ``mlm_logits`` rows at its query positions, their tokens
+    ``scst_targets`` (N,), the caption of each ``scst_seq`` (N,) and ``scst_advantage`` (S,).
+    ``vlkd-train finetune|distill --scst`` makes it the ``task`` term.
+
+    Example config::
+
+        task: {type: scst, weight: 1.0}
+    """
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, seq: torch.Tensor,
+                advantage: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            logits: (N, V) at the sampled tokens' positions.
+            targets: (N,) the sampled tokens.
+            seq: (N,) index of the caption each row belongs to, in 0..S-1.
+            advantage: (S,) reward minus baseline per caption.
+
+        Returns:
+            Scalar loss.
+        """
+        logp = F.log_softmax(logits.float(), dim=-1)
+        tok = logp.gather(1, targets.to(logits.device)[:, None]).squeeze(1)  # (N,)
+        seq = seq.to(logits.device)
+        num = advantage.shape[0]
+        total = tok.new_zeros(num).index_add(0, seq, tok)
+        count = tok.new_zeros(num).index_add(0, seq, torch.ones_like(tok)).clamp(min=1.0)
+        return -(advantage.to(tok) * total / count).mean()
+
+    def compute(self, student, teacher, batch):
+        if student.mlm_logits is None or batch.get("scst_targets") is None:
+            raise ValueError("scst: needs the batch of vlkd.train.scst.SCSTModule (sampled "
+                             "captions, their tokens and advantages); run with --scst")
+        return self(student.mlm_logits, batch["scst_targets"], batch["scst_seq"],
+                    batch["scst_advantage"])
 
 
 # --------------------------------------------------------------------------------------------

@@ -194,6 +194,8 @@ class Trainer:
         self._stop_seen: float | None = None
         # Fixed keys: every rank all-reduces the same vector, even one with no real batch.
         self._terms = [n for n, w in module.combiner.weights.items() if w != 0]
+        # Values a module reports beside its loss terms (SCST's rewards), logged by their names.
+        self._extra = list(getattr(module, "extra_metrics", ()))
         self._interval: dict[str, float] = {}
         self._reset_interval()
         # Evaluation before the checkpoint of the same step, so the checkpoint knows the best.
@@ -373,13 +375,14 @@ class Trainer:
 
     # ---- metrics
     def _reset_interval(self) -> None:
-        self._interval = {k: 0.0 for k in ["loss"] + [f"loss/{n}" for n in self._terms]}
+        self._interval = {k: 0.0 for k in ["loss"] + [f"loss/{n}" for n in self._terms]
+                          + self._extra}
         self._interval_n = self._interval_samples = 0
 
     def _accumulate(self, total: torch.Tensor, terms: dict, samples: int) -> None:
         self._interval["loss"] += float(total)
         for k, v in terms.items():
-            self._interval[f"loss/{k}"] += float(v)
+            self._interval[k if k in self._extra else f"loss/{k}"] += float(v)
         self._interval_n += 1
         self._interval_samples += samples
         self.last_loss = float(total)
@@ -426,7 +429,8 @@ class Trainer:
         s = self.stream
         return {"world_size": self.env.world_size, "num_workers": s.num_workers,
                 "batch_size": s.batch_size, "seed": s.seed, "num_samples": s.num_samples,
-                "chunk_size": s.chunk_size, "shuffle_buffer": s.shuffle_buffer}
+                "chunk_size": s.chunk_size, "shuffle_buffer": s.shuffle_buffer,
+                **(s.layout() if callable(getattr(s, "layout", None)) else {})}  # MixedStream
 
     def save_checkpoint(self, keep: int = 2) -> Path:
         """Writes ``checkpoints/step-XXXXXXXX`` (:func:`~vlkd.train.checkpoint.write_checkpoint`)."""

@@ -74,8 +74,11 @@ class CaptionTask(Task):
 
     @classmethod
     def default_losses(cls, task):
-        return {"task": {"type": "masked_token_ce", "weight": 1.0,
-                         "params": {"label_smoothing": task.label_smoothing}}}
+        params = {"label_smoothing": task.label_smoothing}
+        if task.drop_worst_ratio > 0:  # VinVL's recipe knob (off: the params stay as they were)
+            params.update(drop_worst_ratio=task.drop_worst_ratio,
+                          drop_worst_after=task.drop_worst_after)
+        return {"task": {"type": "masked_token_ce", "weight": 1.0, "params": params}}
 
     @classmethod
     def train_records(cls, cfg, answers=None):
