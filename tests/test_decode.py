@@ -115,7 +115,7 @@ def test_decoding_refuses_overlapping_positions(setup):
 
 
 # --------------------------------------------------------------------------- beam search rules
-# A scripted scoring model over a tiny vocabulary: generate_captions asks
+# A scripted scoring model over a tiny vocabulary: generate_captions(cache=False) asks
 # caption_step_logprobs for log p(next | prefix); here that is a table per image, so the beams
 # can be followed by hand and every sequence enumerated.
 CLS, MASK, SEP, A, B, C = range(6)
@@ -158,7 +158,7 @@ def _beam(monkeypatch, tables, k, max_len, length_penalty=1.0):
     monkeypatch.setattr(decode, "caption_step_logprobs", scripted)
     out = generate_captions(None, _batch(len(tables)), cls_id=CLS, sep_id=SEP, mask_id=MASK,
                             max_len=max_len, beam_size=k, length_penalty=length_penalty,
-                            max_text_len=max_len + 2)
+                            max_text_len=max_len + 2, cache=False)  # the scripted scorer
     return out, scripted.calls
 
 
