@@ -21,9 +21,12 @@ Per image, as ``vlkd-extract proposals`` and ``vlkd-train evaluate`` do it, in o
 
 Beside it, ``VL 1 pass``: one forward of the VL model over the same batch ([CLS], tags,
 regions), the cost of a task answered in one pass (VQA, retrieval) rather than decoded token by
-token; "total, 1 pass" is decode + detector + that. vlkd's beam search keeps no key/value
-cache (every step re-runs the whole sequence, ``vlkd.train.decode``), so captioning costs
-about ``max_len`` such passes of ``beam_size`` sequences.
+token; "total, 1 pass" is decode + detector + that. The beam search decodes incrementally
+(``vlkd.train.incremental``): the tags and regions go through the model once, then each step
+runs only the newest token and the [MASK] of each beam against cached keys and values.
+``--no-cache`` re-runs the whole sequence at every step instead (``generate_captions(...,
+cache=False)``, what vlkd did before), about ``max_len`` full passes of ``beam_size``
+sequences.
 
 Random weights would make the work differ from a trained model's, so two things are fixed, the
 same for both pipelines: the RPN's box deltas are zeroed (proposals are anchors, so the RPN
@@ -187,7 +190,8 @@ def caption_image(p: Pipeline, path: Path, sel, args, clock: Clock) -> tuple[str
     batch = to_device(p.task.collate([item]), args.device)
     seq = generate_captions(p.vl, batch, cls_id=enc.cls_id, sep_id=enc.sep_id,
                             mask_id=enc.mask_id, max_len=args.max_len,
-                            beam_size=args.beam_size, max_text_len=enc.max_text_len)[0]
+                            beam_size=args.beam_size, max_text_len=enc.max_text_len,
+                            cache=not args.no_cache)[0]
     caption = enc.tokenizer.decode(seq, skip_special_tokens=True)
     clock.lap("VL")
     p.vl(model_inputs(batch, p.vl.config.geometry_dim, seq2seq=False), task="none",
@@ -224,7 +228,8 @@ def report(pipes: list[Pipeline], args, images: list[Path], load: tuple) -> str:
     lines = [
         f"pipeline latency: {len(images)} image(s) {args.image_hw[0]}x{args.image_hw[1]} JPEG, "
         f"detector test size {s.det.preprocessing.min_size}/{s.det.preprocessing.max_size}, "
-        f"{args.regions} regions/image, beam {args.beam_size}, max {args.max_len} tokens; "
+        f"{args.regions} regions/image, beam {args.beam_size}, max {args.max_len} tokens "
+        f"({'no cache: every step re-runs the sequence' if args.no_cache else 'key/value cache'}); "
         f"device {args.device}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, "
         f"random weights; wall ms/image, best of {args.repeats} alternating passes "
         "(the first one cold)",
@@ -274,6 +279,8 @@ def main() -> None:
     ap.add_argument("--regions", type=int, default=50, help="boxes kept per image")
     ap.add_argument("--beam-size", type=int, default=5)
     ap.add_argument("--max-len", type=int, default=20)
+    ap.add_argument("--no-cache", action="store_true",
+                    help="decode without the key/value cache (every step re-runs the sequence)")
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: CUDA is not available on this machine")
