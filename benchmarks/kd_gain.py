@@ -144,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("bench-out/kd_gain"),
                     help="demo output folder (finished stages are reused)")
     ap.add_argument("--quick", action="store_true", help="the demo's quick size")
+    ap.add_argument("--stage", choices=("finetune", "pretrain"), default="finetune",
+                    help="the stage distilled: finetune, or pretrain (pre-training-stage KD, "
+                         "then the same caption fine-tuning: benchmarks/kd_gain_pretrain.py)")
+    ap.add_argument("--finetune", default="plain,kd", metavar="plain,kd",
+                    help="--stage pretrain: how the pre-trained students are fine-tuned")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated student seeds")
     ap.add_argument("--config", type=Path, default=None,
                     help="demo config (default configs/demo/demo.yaml); for an ablation, a copy "
@@ -161,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--seeds: expected comma-separated integers such as 0,1,2, got {args.seeds!r}")
     if not seeds:
         ap.error("--seeds: give at least one seed")
+    if args.stage == "pretrain":
+        import kd_gain_pretrain  # beside this file
+
+        return kd_gain_pretrain.main(args, seeds)
     try:
         variants = dict(parse_variant(v) for v in args.variant)
     except ValueError as e:
