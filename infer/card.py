@@ -10,7 +10,6 @@ and the VL model, the device, the CPU threads and the precision.
 from __future__ import annotations
 
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from vlkd.common.machine import cpu_name
 from vlkd.data.synthetic.writers import make_scene
 
 __all__ = ["measure_latency", "write_card", "machine_name"]
@@ -31,13 +31,7 @@ def machine_name(device: torch.device) -> str:
     """The CPU's model name (or the GPU's, on CUDA) as the system reports it."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_name()
 
 
 def measure_latency(bundle: str | os.PathLike, *, images: int = 4, repeats: int = 3,
