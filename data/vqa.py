@@ -410,16 +410,25 @@ def load_answer_vocab(path: str | Path) -> list[str]:
     return answers
 
 
-def question_type_prior(train: list[VQAQuestion], questions: list[VQAQuestion]
-                        ) -> dict[int, str]:
+def question_type_prior(train: list[VQAQuestion], questions: list[VQAQuestion],
+                        by: str = "question_type") -> dict[int, str]:
     """A model-free baseline: each question answered with the most frequent (normalised) human
     answer of its ``question_type`` in ``train`` (ties: the alphabetically first), or of all of
-    ``train`` for a type ``train`` lacks. Returns question id -> answer, for the VQA metric."""
+    ``train`` for a type ``train`` lacks. Returns question id -> answer, for the VQA metric.
+
+    ``by="question"`` groups by the whole question text instead (a question ``train`` never
+    asked falls back to its type's answer): the best a model reading only the question can
+    do on questions it has seen."""
+    if by not in ("question_type", "question"):
+        raise ValueError(f"question_type_prior: by must be 'question_type' or 'question', got "
+                         f"{by!r}")
+    groups: dict[str, Counter] = {}
     by_type: dict[str, Counter] = {}
     overall: Counter = Counter()
     for q in train:
         answers = [normalize_answer(a) for a in q.answers]
         by_type.setdefault(q.question_type, Counter()).update(answers)
+        groups.setdefault(getattr(q, by), Counter()).update(answers)
         overall.update(answers)
     if not overall:
         raise ValueError("question_type_prior: the training questions carry no answers; load "
@@ -429,5 +438,7 @@ def question_type_prior(train: list[VQAQuestion], questions: list[VQAQuestion]
         return min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0]
 
     best = {t: top(c) for t, c in by_type.items()}
+    grouped = {t: top(c) for t, c in groups.items()}
     fallback = top(overall)
-    return {q.question_id: best.get(q.question_type, fallback) for q in questions}
+    return {q.question_id: grouped.get(getattr(q, by), best.get(q.question_type, fallback))
+            for q in questions}

@@ -32,8 +32,9 @@ change when ``num_train`` does. The grammar of captions and questions is in docs
 Run ``python -m vlkd.data.synthetic --out DIR --num-train 800 --num-val 200 --num-test 200``.
 """
 from .cli import main
-from .grammar import (ANSWERS_PER_QUESTION, CAPTIONS_PER_IMAGE, NUMBER_WORDS, OPPOSITE, PLURALS,
-                      QUESTIONS_PER_IMAGE, human_answers, make_captions, make_questions, relation)
+from .grammar import (ANSWER_SPACE, ANSWERS_PER_QUESTION, CAPTIONS_PER_IMAGE, NUMBER_WORDS,
+                      OPPOSITE, PLURALS, QUESTION_TYPES, QUESTIONS_PER_IMAGE, human_answers,
+                      make_captions, make_questions, relation)
 from .scene import (COLORS, MIN_VISIBLE, SHAPES, SIZE_RADIUS, SIZES, Scene, SceneObject,
                     render_scene, shape_mask, shape_polygon)
 from .writers import (FORMAT_VERSION, SPLIT_ID_BASE, SPLITS, generate, image_id_for, make_scene,
@@ -45,7 +46,8 @@ __all__ = [
     "shape_polygon", "shape_mask", "render_scene",
     # the grammar
     "PLURALS", "NUMBER_WORDS", "OPPOSITE", "CAPTIONS_PER_IMAGE", "QUESTIONS_PER_IMAGE",
-    "ANSWERS_PER_QUESTION", "relation", "make_captions", "make_questions", "human_answers",
+    "ANSWERS_PER_QUESTION", "QUESTION_TYPES", "ANSWER_SPACE", "relation", "make_captions",
+    "make_questions", "human_answers",
     # the files
     "SPLITS", "SPLIT_ID_BASE", "FORMAT_VERSION", "image_id_for", "make_scene", "paths_for",
     "generate", "main",

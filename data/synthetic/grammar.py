@@ -14,7 +14,7 @@ PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "s
            "diamond": "diamonds", "cross": "crosses"}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
 CAPTIONS_PER_IMAGE = 5
-QUESTIONS_PER_IMAGE = 5
+QUESTIONS_PER_IMAGE = 10
 ANSWERS_PER_QUESTION = 10
 
 
@@ -209,9 +209,47 @@ def human_answers(answer: str, kind: str, rng: np.random.Generator,
             for i in range(k)]
 
 
+#: The question templates: ``question_type`` (what the VQA files record and the
+#: question-type prior answers by) -> (VQA answer type, what the answer is). Every type's
+#: answers are balanced by construction (:func:`make_questions`), so neither the type nor the
+#: words of a question tell its answer.
+QUESTION_TYPES = {
+    "how many": ("number", "objects in the image, 1-5"),
+    "how many [color]": ("number", "objects of one colour, 0-2"),
+    "how many [shape]": ("number", "objects of one shape, 0-2"),
+    "what color is the": ("other", "the colour of the only object of a shape"),
+    "what shape is the": ("other", "the shape of the only object of a colour"),
+    "is there a [color] [shape]": ("yes/no", "whether a colour-and-shape pair is in the image"),
+    "is there a [color]": ("yes/no", "whether an object of a colour is in the image"),
+    "is there a [shape]": ("yes/no", "whether an object of a shape is in the image"),
+    "is the": ("yes/no", "whether a relation holds between two objects"),
+    "what shape is [relation]": ("other", "the shape of the only object in a relation"),
+}
+#: The answers of each question type (a type not listed: the object count, 1-5).
+ANSWER_SPACE = {
+    "how many [color]": ("0", "1", "2"), "how many [shape]": ("0", "1", "2"),
+    "what color is the": tuple(COLORS), "what shape is the": SHAPES,
+    "is there a [color] [shape]": ("yes", "no"), "is there a [color]": ("yes", "no"),
+    "is there a [shape]": ("yes", "no"), "is the": ("yes", "no"),
+    "what shape is [relation]": SHAPES,
+}
+#: At most this many questions of one of the types that ask about one object (its colour, its
+#: shape, a relation) per image.
+PER_TYPE = 2
+
+
 def make_questions(scene: Scene, rng: np.random.Generator, k: int = QUESTIONS_PER_IMAGE
                    ) -> list[dict]:
-    """Up to ``k`` distinct questions with their true answer.
+    """Up to ``k`` distinct questions with their true answer, each answerable only from the
+    image's objects (colour, shape, count, position) and balanced within its question type
+    (:data:`QUESTION_TYPES`, :data:`ANSWER_SPACE`).
+
+    Every type gives questions about this image whose answers are balanced by construction:
+    the colour of objects whose shape occurs once and the shape of objects whose colour occurs
+    once (at most :data:`PER_TYPE` each; colours and shapes are drawn uniformly and
+    independently, so these answers are uniform), each "is there ...?" once answered yes and
+    once no, relations asked true or reversed at random, one count of each kind. ``k`` of them
+    are kept, a uniform sample that does not look at the answers, so the balance stays.
 
     Returns:
         Dicts with ``question``, ``answer``, ``kind`` (number, color, shape, yes/no),
@@ -219,93 +257,109 @@ def make_questions(scene: Scene, rng: np.random.Generator, k: int = QUESTIONS_PE
     """
     objs = scene.objects
     short = min(scene.width, scene.height)
-    colors_present = sorted({o.color for o in objs})
-    shapes_present = sorted({o.shape for o in objs})
+    colors, present = list(COLORS), {(o.color, o.shape) for o in objs}
     thing = ["shapes", "objects"][int(rng.integers(2))]
 
+    def pick(seq):
+        return seq[int(rng.integers(len(seq)))]
+
     def q(question, answer, kind, qtype):
-        atype = {"number": "number", "yes/no": "yes/no"}.get(kind, "other")
-        return {"question": question, "answer": answer, "kind": kind, "answer_type": atype,
-                "question_type": qtype}
+        return {"question": question, "answer": answer, "kind": kind,
+                "answer_type": QUESTION_TYPES[qtype][0], "question_type": qtype}
 
-    def q_count_all():
-        return q(f"how many {thing} are there?", str(len(objs)), "number", "how many")
+    def some(items: list, n: int = PER_TYPE) -> list:
+        return [items[int(i)] for i in sorted(rng.permutation(len(items))[:n])]
 
-    def q_count_color():
-        c = (colors_present[int(rng.integers(len(colors_present)))] if rng.random() < 0.75
-             else list(COLORS)[int(rng.integers(len(COLORS)))])
-        return q(f"how many {c} {thing} are there?", str(sum(o.color == c for o in objs)),
-                 "number", "how many")
+    def count_all():
+        return [q(f"how many {thing} are there?", str(len(objs)), "number", "how many")]
 
-    def q_count_shape():
-        s = (shapes_present[int(rng.integers(len(shapes_present)))] if rng.random() < 0.75
-             else SHAPES[int(rng.integers(len(SHAPES)))])
-        return q(f"how many {PLURALS[s]} are in the picture?",
-                 str(sum(o.shape == s for o in objs)), "number", "how many")
-
-    def q_color():
-        uniq = [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]
-        if not uniq:
+    def by_count(qtype, words, of):
+        """A word (colour or shape) that ``n`` objects have, for ``n`` drawn from the type's
+        answers; asked only of images where every answer occurs (a count of 2 is rarer than
+        0 or 1, so drawing ``n`` alone would not balance them)."""
+        counts = {w: sum(of(o) == w for o in objs) for w in words}
+        space = ANSWER_SPACE[qtype]
+        if not set(space) <= {str(n) for n in counts.values()}:
             return None
-        o = uniq[int(rng.integers(len(uniq)))]
-        return q(f"what color is the {o.shape}?", o.color, "color", "what color is the")
+        n = pick(space)
+        return n, pick([w for w in words if str(counts[w]) == n])
 
-    def q_shape():
-        uniq = [o for o in objs if sum(p.color == o.color for p in objs) == 1]
-        if not uniq:
-            return None
-        o = uniq[int(rng.integers(len(uniq)))]
-        return q(f"what shape is the {o.color} object?", o.shape, "shape", "what shape is the")
+    def count_color():
+        got = by_count("how many [color]", colors, lambda o: o.color)
+        return [q(f"how many {got[1]} {thing} are there?", got[0], "number",
+                  "how many [color]")] if got else []
 
-    def q_exists():
-        if rng.random() < 0.5:
-            o = objs[int(rng.integers(len(objs)))]
-            c, s = o.color, o.shape
-        else:
-            c = list(COLORS)[int(rng.integers(len(COLORS)))]
-            s = SHAPES[int(rng.integers(len(SHAPES)))]
-        present = any((o.color, o.shape) == (c, s) for o in objs)
-        return q(f"is there {_article(c)} {c} {s}?", "yes" if present else "no", "yes/no",
-                 "is there a")
+    def count_shape():
+        got = by_count("how many [shape]", SHAPES, lambda o: o.shape)
+        return [q(f"how many {PLURALS[got[1]]} are in the picture?", got[0], "number",
+                  "how many [shape]")] if got else []
 
-    def _pairs():
-        return [(a, b, r) for a in objs for b in objs if a is not b
-                and (r := relation(a, b, short)) is not None
-                and _unique(scene, a) and _unique(scene, b)]
+    def colors_of_shapes():
+        return some([q(f"what color is the {o.shape}?", o.color, "color", "what color is the")
+                     for o in objs if sum(p.shape == o.shape for p in objs) == 1])
 
-    def q_relation_yn():
-        pairs = _pairs()
-        if not pairs:
-            return None
-        a, b, r = pairs[int(rng.integers(len(pairs)))]
-        truth = rng.random() < 0.5
-        asked = r if truth else OPPOSITE[r]
-        return q(f"is the {a.color} {a.shape} {asked} the {b.color} {b.shape}?",
-                 "yes" if truth else "no", "yes/no", "is the")
+    def shapes_of_colors():
+        return some([q(f"what shape is the {o.color} object?", o.shape, "shape",
+                       "what shape is the")
+                     for o in objs if sum(p.color == o.color for p in objs) == 1])
 
-    def q_relation_what():
+    colors_in, shapes_in = sorted({o.color for o in objs}), sorted({o.shape for o in objs})
+
+    def exists_pair():
+        qtype = "is there a [color] [shape]"
+        c, s = pick(sorted(present))
+        yes = q(f"is there {_article(c)} {c} {s}?", "yes", "yes/no", qtype)
+        # Hard negatives: the colour and the shape are both in the image, on other objects,
+        # so neither the tags alone nor the colours alone answer it.
+        absent = [(c, s) for c in colors for s in SHAPES if (c, s) not in present]
+        hard = [cs for cs in absent if cs[0] in colors_in and cs[1] in shapes_in]
+        half = [cs for cs in absent if cs[0] in colors_in or cs[1] in shapes_in]
+        c, s = pick(hard or half)
+        return [yes, q(f"is there {_article(c)} {c} {s}?", "no", "yes/no", qtype)]
+
+    def exists_color():
+        qtype = "is there a [color]"
+        yes, no = pick(colors_in), pick([c for c in colors if c not in colors_in])
+        return [q(f"is there {_article(c)} {c} {thing[:-1]}?", a, "yes/no", qtype)
+                for c, a in ((yes, "yes"), (no, "no"))]
+
+    def exists_shape():
+        qtype = "is there a [shape]"
+        absent = [s for s in SHAPES if s not in shapes_in]
+        if not absent:
+            return []
+        return [q(f"is there {_article(s)} {s}?", a, "yes/no", qtype)
+                for s, a in ((pick(shapes_in), "yes"), (pick(absent), "no"))]
+
+    def relations_yn():
+        pairs = [(a, b, r) for i, a in enumerate(objs) for b in objs[i + 1:]
+                 if (r := relation(a, b, short)) is not None
+                 and _unique(scene, a) and _unique(scene, b)]
+        out = []
+        for a, b, r in some(pairs):
+            truth = pick(ANSWER_SPACE["is the"]) == "yes"
+            if pick((0, 1)):                 # either object first
+                a, b, r = b, a, OPPOSITE[r]
+            asked = r if truth else OPPOSITE[r]
+            out.append(q(f"is the {a.color} {a.shape} {asked} the {b.color} {b.shape}?",
+                         "yes" if truth else "no", "yes/no", "is the"))
+        return out
+
+    def relations_what():
         cands = []
         for b in objs:
-            if not _unique(scene, b):
+            if not _unique(scene, b) or any(relation(a, b, short) is None
+                                            for a in objs if a is not b):
                 continue
             for r in OPPOSITE:
                 rel = [a for a in objs if a is not b and relation(a, b, short) == r]
-                unclear = [a for a in objs if a is not b and relation(a, b, short) is None]
-                if len(rel) == 1 and not unclear:
+                if len(rel) == 1:
                     cands.append((rel[0], b, r))
-        if not cands:
-            return None
-        a, b, r = cands[int(rng.integers(len(cands)))]
-        return q(f"what shape is {r} the {b.color} {b.shape}?", a.shape, "shape",
-                 "what shape is")
+        return [q(f"what shape is {r} the {b.color} {b.shape}?", a.shape, "shape",
+                  "what shape is [relation]") for a, b, r in some(cands)]
 
-    makers = [q_count_all, q_count_color, q_count_shape, q_color, q_shape, q_exists,
-              q_relation_yn, q_relation_what]
-    out: list[dict] = []
-    for _ in range(40):
-        item = makers[int(rng.integers(len(makers)))]()
-        if item is not None and item["question"] not in {x["question"] for x in out}:
-            out.append(item)
-            if len(out) == k:
-                break
-    return out
+    every = [item for make in (count_all, count_color, count_shape, colors_of_shapes,
+                               shapes_of_colors, exists_pair, exists_color, exists_shape,
+                               relations_yn, relations_what)
+             for item in make()]
+    return [every[int(i)] for i in sorted(rng.permutation(len(every))[:k])]
