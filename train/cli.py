@@ -165,8 +165,9 @@ def _train(command: str, cfg, resume: str | None) -> None:
         tokenizer = build.resolve_tokenizer(cfg, model_dir)
         answers = build.load_answers(cfg, model_dir) if spec.needs_answers else None
         regions = RegionSet(prim.data.regions)
-        class_names = build.tag_class_names(prim.data.regions, prim.data.tag_regions)
-        encoder = build.make_encoder(cfg, tokenizer, class_names)
+        tags = build.tag_names(prim, prim.data.regions)
+        class_names = tags.class_names
+        encoder = build.make_encoder(cfg, tokenizer, tags)
         # SCST samples the captions: its samples are the evaluation task's (text = [CLS])
         task = build_task(cfg, encoder, train=not cfg.scst.enabled,
                           num_answers=len(answers or []))
@@ -195,7 +196,7 @@ def _train(command: str, cfg, resume: str | None) -> None:
             teacher = None
         else:
             module = TrainModule(model, combiner, spec.name, task.seq2seq())
-        meta = build.run_meta(cfg, tokenizer, class_names)
+        meta = build.run_meta(cfg, tokenizer, tags)
         inputs = RunInputs(tokenizer, encoder, task, answers, class_names, meta)
 
         def save_model(directory: Path) -> None:
@@ -238,7 +239,7 @@ def _train(command: str, cfg, resume: str | None) -> None:
 def _check_teacher(cfg, teacher, tokenizer, student) -> None:
     from vlkd.common.regionset import RegionSet
 
-    from .build import read_meta
+    from .build import LAYOUT_KEYS, read_meta
     from .config import ConfigError
     from .tasks import TASKS
     from .tokenizer import vocab_digest
@@ -255,8 +256,7 @@ def _check_teacher(cfg, teacher, tokenizer, student) -> None:
                           "must read the same token ids: pass the teacher's directory as "
                           "--tokenizer")
     d = cfg.data
-    ours = {k: getattr(d, k) for k in ("max_text_len", "max_tag_len", "max_seq_len",
-                                       "max_regions", "unique_tags")}
+    ours = {k: getattr(d, k) for k in LAYOUT_KEYS}
     ours["text_layout"] = TASKS.get(cfg.task.name).layout_for(cfg)
     for key, value in ours.items():
         if key in meta and meta[key] != value:
@@ -432,25 +432,31 @@ def evaluate(greedy, output_dir, config_path, overrides, **options):
         _fail(e)
 
 
-def _evaluate(greedy, output_dir, config_path, overrides, options):
+def _prepare_evaluation(model_dir: str, regions: str, options: dict, config_path, overrides,
+                        greedy: bool = False):
+    """What ``evaluate`` scores and ``latency`` times: the resolved config of ``model_dir``
+    over ``regions`` (the model's input layout wins over the file and options, ``--set`` over
+    it), its tokenizer, answers, model and evaluation stream.
+
+    Returns:
+        A namespace with ``task``, ``cfg``, ``spec``, ``env``, ``tokenizer``, ``answers``,
+        ``model``, ``stream``, ``refs`` and ``amp``; the caller tears ``env`` down.
+    """
+    from types import SimpleNamespace
+
     from vlkd.common.regionset import RegionSet
 
     from . import build
     from .distributed import amp_dtype, setup_distributed, teardown_distributed
-    from .evaluation import score_predictions, write_predictions
     from .tasks import TASKS, build_task, task_names
 
-    model_dir, regions = options["model.model"], options["eval.regions"]
     meta = build.read_meta(model_dir)
     task = options.get("task.name") or meta.get("task")
     if task not in task_names(evaluable=True):
         raise ValueError(f"pass --task {'|'.join(task_names(evaluable=True))} (the model "
                          f"directory {model_dir} records task {meta.get('task')!r})")
     spec = TASKS.get(task)
-    # The model's input layout wins over the file and options; --set still wins over it.
-    layout = {f"data.{k}": meta[k] for k in ("text_layout", "max_text_len", "max_tag_len",
-                                             "max_seq_len", "max_regions", "unique_tags")
-              if k in meta}
+    layout = {f"data.{k}": meta[k] for k in ("text_layout", *build.LAYOUT_KEYS) if k in meta}
     if meta and "text_layout" not in meta:  # written before layouts existed: all were split
         layout["data.text_layout"] = "split"
     cfg = _resolve_config(config_path, {**options, "task.name": task, "data.regions": regions,
@@ -462,7 +468,9 @@ def _evaluate(greedy, output_dir, config_path, overrides, options):
     try:
         tokenizer = build.resolve_tokenizer(cfg, model_dir)
         answers = build.load_answers(cfg, model_dir) if spec.needs_answers else None
-        class_names = build.tag_class_names(regions, cfg.data.tag_regions)
+        tags = build.tag_names(cfg, regions, vocab=None if cfg.data.tag_vocab
+                               else meta.get("tag_vocab"))
+        class_names = tags.class_names
         if meta.get("class_names") and meta["class_names"] != class_names:
             # Legitimate in ablations (a teacher evaluated with the student's tags), so a note.
             log.warning("the tags of %s come from %d class names that differ from the %d the "
@@ -472,13 +480,29 @@ def _evaluate(greedy, output_dir, config_path, overrides, options):
         if model.config.region_dim != RegionSet(regions).feature_dim:
             raise ValueError(f"model takes {model.config.region_dim}-d features, {regions} has "
                              f"{RegionSet(regions).feature_dim}-d ones")
-        encoder = build.make_encoder(cfg, tokenizer, class_names)
+        encoder = build.make_encoder(cfg, tokenizer, tags)
         ev_task = build_task(cfg, encoder, train=False, num_answers=len(answers or []))
         records, refs = build.eval_records(cfg, answers)
         stream = build.make_stream(cfg, records, ev_task, regions=regions, shuffle=False,
                                    batch_size=cfg.eval.batch_size, rank=env.rank,
                                    world_size=env.world_size)
-        amp = amp_dtype(cfg.train.amp, env.device)
+    except BaseException:
+        teardown_distributed(env)
+        raise
+    return SimpleNamespace(task=task, cfg=cfg, spec=spec, env=env, tokenizer=tokenizer,
+                           answers=answers, model=model, stream=stream, refs=refs,
+                           amp=amp_dtype(cfg.train.amp, env.device))
+
+
+def _evaluate(greedy, output_dir, config_path, overrides, options):
+    from .distributed import teardown_distributed
+    from .evaluation import score_predictions, write_predictions
+
+    model_dir, regions = options["model.model"], options["eval.regions"]
+    ev = _prepare_evaluation(model_dir, regions, options, config_path, overrides, greedy)
+    cfg, env, spec, model, answers = ev.cfg, ev.env, ev.spec, ev.model, ev.answers
+    task, tokenizer, stream, refs, amp = ev.task, ev.tokenizer, ev.stream, ev.refs, ev.amp
+    try:
         t_predict = time.perf_counter()
         preds = spec.predict(model, stream, cfg, tokenizer=tokenizer, answers=answers,
                              device=env.device, amp=amp, env=env)
@@ -513,6 +537,64 @@ def _evaluate(greedy, output_dir, config_path, overrides, options):
     finally:
         teardown_distributed(env)
 
+
+# ----------------------------------------------------------------------------------- latency
+@main.command()
+@click.option("--run", "runs", nargs=4, multiple=True, required=True,
+              metavar="TASK NAME MODEL REGIONS",
+              help="A model to time (repeatable): its task, a label, its directory and the "
+                   "region set it reads (as evaluate's --task, --model, --regions).")
+@_key("eval.captions", "--captions")
+@_key("eval.split", "--split")
+@_key("eval.vqa_questions", "--vqa-questions")
+@_key("eval.vqa_annotations", "--vqa-annotations")
+@_key("eval.max_samples", "--samples")
+@_key("eval.batch_size", "--batch-size")
+@_key("eval.beam_size", "--beam-size")
+@_key("eval.max_len", "--max-len")
+@click.option("--repeats", type=click.IntRange(min=1), default=5,
+              help="Passes per model, interleaved; the fastest counts.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, help="torch CPU threads.")
+@click.option("--output-dir", "-o", required=True, help="Where latency.json / latency.md go.")
+@_config_option
+@set_option()
+def latency(runs, repeats, threads, output_dir, config_path, overrides, **options):
+    """Time each model's predictions as evaluate makes them, alone, best of --repeats passes.
+
+    Every model predicts the first --samples samples of its evaluation stream with the same
+    batch size, beam and threads; writes latency.json and latency.md (vlkd.train.latency).
+    """
+    import torch
+
+    from .distributed import teardown_distributed
+    from .latency import LatencyRow, latency_table, time_passes, write_latency
+    from .stream import AlignmentError
+
+    torch.set_num_threads(threads)
+    keys = split_options(options)[0]
+    rows, passes, envs = [], [], []
+    try:
+        for task, name, model_dir, regions in runs:
+            ev = _prepare_evaluation(model_dir, regions, {**keys, "task.name": task},
+                                     config_path, overrides)
+            envs.append(ev.env)
+            rows.append(LatencyRow(task, name, model_dir, regions, num_parameters=sum(
+                p.numel() for p in ev.model.parameters())))
+            passes.append(lambda ev=ev: len(ev.spec.predict(
+                ev.model, ev.stream, ev.cfg, tokenizer=ev.tokenizer, answers=ev.answers,
+                device=ev.env.device, amp=ev.amp, env=ev.env)))
+        time_passes(rows, passes, repeats)
+    except (AlignmentError, ValueError, FileNotFoundError, KeyError) as e:
+        _fail(e)
+    finally:
+        for env in envs:
+            teardown_distributed(env)
+    cfg = ev.cfg
+    path = write_latency(rows, output_dir, threads=torch.get_num_threads(),
+                         batch_size=cfg.eval.batch_size, beam_size=cfg.eval.beam_size,
+                         repeats=repeats, device=str(ev.env.device))
+    click.echo(latency_table(json.loads(path.read_text())))
+    click.echo(f"latency: {path}")
 
 # ------------------------------------------------------------------------------------- vocab
 @main.command("build-vocab")
