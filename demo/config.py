@@ -22,8 +22,8 @@ from omegaconf import MISSING
 
 from vlkd.common import config
 
-__all__ = ["TASKS", "DataSize", "DetectorIters", "Steps", "Size", "Models", "DemoConfig",
-           "load_config"]
+__all__ = ["TASKS", "DataSize", "DetectorIters", "Steps", "Latency", "Size", "Models",
+           "DemoConfig", "load_config"]
 
 #: The tasks the demo can run.
 TASKS = ("caption", "vqa")
@@ -63,13 +63,32 @@ class Steps:
 
     Attributes:
         teacher: the teacher fine-tuned on its own boxes.
-        teacher_adapt: that teacher adapted to the student's boxes (VTA).
+        teacher_adapt: that teacher adapted to the student's boxes (VTA), and the control:
+            the same teacher trained as many steps more on its own boxes.
         student: each student, without and with KD.
     """
 
     teacher: int = MISSING
     teacher_adapt: int = MISSING
     student: int = MISSING
+
+
+@dataclass
+class Latency:
+    """The latency stage (``vlkd-train latency``): every model alone, the same settings.
+
+    Attributes:
+        samples: test samples of one pass (images for captioning, questions for VQA).
+        batch_size: samples per batch (1: one image at a time, as a deployed model sees them).
+        repeats: passes per model, interleaved; the fastest counts.
+        pipeline_images: images of the end-to-end pipeline latency (detector + VL model from
+            the image file; ``vlkd-train export``'s card), the student's and the teacher's.
+    """
+
+    samples: int = 50
+    batch_size: int = 1
+    repeats: int = 5
+    pipeline_images: int = 8
 
 
 @dataclass
@@ -82,6 +101,7 @@ class Size:
         steps: VL training steps.
         batch_size: VL training batch size.
         eval_max_samples: test samples each evaluation scores (0: the whole test split).
+        latency: the latency stage's samples, batch and repeats.
     """
 
     data: DataSize = field(default_factory=DataSize)
@@ -89,6 +109,7 @@ class Size:
     steps: Steps = field(default_factory=Steps)
     batch_size: int = MISSING
     eval_max_samples: int = MISSING
+    latency: Latency = field(default_factory=Latency)
 
 
 @dataclass
@@ -118,6 +139,10 @@ class DemoConfig:
         distill_losses: ``vlkd-train`` config keys (dotted) set on distillation runs only (the
             KD terms; ablations change these).
         jobs: stages run at the same time, sharing the cores (0: one per core, at most 4).
+        threads: CPU threads of every stage, whatever ``jobs`` is: a stage's results depend
+            on its thread count (float sums in another order), so fixing it keeps every score
+            the same for any ``--jobs`` on one machine. The latency stage uses it too.
+        picture_boxes: boxes per panel in boxes.png (the best by score).
     """
 
     full: Size = field(default_factory=Size)
@@ -127,6 +152,8 @@ class DemoConfig:
     train: dict[str, Any] = field(default_factory=dict)
     distill_losses: dict[str, Any] = field(default_factory=dict)
     jobs: int = 0
+    threads: int = 1
+    picture_boxes: int = 6
 
     def size(self, quick: bool) -> Size:
         """The size section a run uses."""
@@ -147,8 +174,8 @@ def _dotted(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _missing(path: str | os.PathLike, overrides: Sequence[str]) -> list[str]:
     """The required keys that neither the file nor ``--set`` gives, shallow before deep, in
-    schema order; a section none of whose keys is given is named alone (``quick``). [] when
-    the file and overrides do not even merge (that error is the one to report)."""
+    schema order; a section none of whose required keys is given is named alone (``quick``).
+    [] when the file and overrides do not even merge (that error is the one to report)."""
     from omegaconf import OmegaConf
 
     try:
@@ -158,7 +185,9 @@ def _missing(path: str | os.PathLike, overrides: Sequence[str]) -> list[str]:
         missing = OmegaConf.missing_keys(cfg)
     except Exception:  # noqa: BLE001 - config.load's own error says what is wrong
         return []
-    leaves = config.schema_keys(DemoConfig)
+    # the required leaves (a section whose keys all have defaults is never missing)
+    required = OmegaConf.missing_keys(OmegaConf.structured(DemoConfig))
+    leaves = [leaf for leaf in config.schema_keys(DemoConfig) if leaf in required]
     keys = list(dict.fromkeys(".".join(leaf.split(".")[:i + 1]) for leaf in leaves
                               for i in range(leaf.count(".") + 1)))   # sections and leaves
     named: list[str] = []
@@ -193,5 +222,8 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = (),
                            f"[{', '.join(TASKS)}], found {cfg.tasks}")
     if cfg.jobs < 0:
         raise RuntimeError(f"demo config {path}: jobs must be >= 0, found {cfg.jobs}")
+    if cfg.threads < 1 or cfg.picture_boxes < 1:
+        raise RuntimeError(f"demo config {path}: threads and picture_boxes must be >= 1, found "
+                           f"{cfg.threads} and {cfg.picture_boxes}")
     return dataclasses.replace(cfg, train=_dotted(cfg.train),
                                distill_losses=_dotted(cfg.distill_losses))

@@ -4,15 +4,16 @@ Each stage is one command line (``vlkd-extract …``, ``vlkd-train …``) run as
 the demo exercises exactly what a user runs and needs neither phase's internals. A stage that
 finished writes ``<stage dir>/.done`` (with its wall time); a re-run skips it. Stages form a
 graph and independent ones run at the same time (``--jobs``, default one per core), each with
-``cores // jobs`` threads:
+the config's fixed ``threads``, so that no result depends on ``--jobs``:
 
     data ─┬→ detector (student) → proposals (student) ─┬→ teacher-features (VTA) → validate
           └→ detector (teacher) ─┬─────────────────────────┘
                                  └→ proposals (teacher, its own boxes)
-    per task: teacher on own boxes → teacher adapted to student boxes (VTA) → student with KD
+    per task: teacher on own boxes ─┬→ + N steps on the student's boxes (VTA) → student with KD
+                                    └→ + N steps on its own boxes (the control)
               student without KD (needs only the tokenizer)
               evaluate each model as soon as it is trained
-    → pictures → report.md
+    → pictures; latency of every model (alone: nothing runs beside it) → report.md
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlkd.common.config import save, to_dict
+from vlkd.common.machine import cpu_count
 
 from .config import DemoConfig, load_config
 
@@ -52,6 +54,7 @@ class Stage:
     argv: list[str]
     out: Path                       # the stage's own folder; .done goes there
     after: list[str] = field(default_factory=list)
+    exclusive: bool = False         # runs with no other stage beside it (latency)
     seconds: float = 0.0
     skipped: bool = False
 
@@ -59,13 +62,6 @@ class Stage:
 def _sets(keys: dict) -> list[str]:
     """``vlkd-train`` config keys as its ``--set key=value`` options."""
     return [a for k, v in keys.items() for a in ("--set", f"{k}={v}")]
-
-
-def _cpu_count() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover (macOS)
-        return max(1, os.cpu_count() or 1)
 
 
 @dataclass
@@ -98,7 +94,7 @@ class Demo:
         self.scale = self.cfg.size(self.quick)
         self.raw = to_dict(self.cfg)
         self.size = self.raw["quick" if self.quick else "full"]
-        self.cores = _cpu_count()
+        self.cores = cpu_count()
         self.jobs = self.cfg.jobs or min(4, self.cores)
         self.t0 = time.time()
         self._lock = threading.Lock()
@@ -110,13 +106,15 @@ class Demo:
             print(f"[vlkd-demo {int(el // 60):02d}:{int(el % 60):02d}] {msg}", file=sys.stderr,
                   flush=True)
 
-    def stage(self, name: str, argv: list[str], out: Path, after: tuple[str, ...] = ()) -> str:
-        """Adds a stage that may start once the stages named in ``after`` have finished."""
+    def stage(self, name: str, argv: list[str], out: Path, after: tuple[str, ...] = (),
+              exclusive: bool = False) -> str:
+        """Adds a stage that may start once the stages named in ``after`` have finished; an
+        ``exclusive`` one starts only when no other stage runs, and none starts beside it."""
         known = {st.name for st in self.log}
         missing = [a for a in after if a not in known]
         if missing or name in known:
             raise ValueError(f"stage {name!r}: unknown dependencies {missing} or a duplicate name")
-        self.log.append(Stage(name, argv, out, list(after)))
+        self.log.append(Stage(name, argv, out, list(after), exclusive))
         return name
 
     def _run(self, st: Stage, threads: int) -> None:
@@ -163,9 +161,9 @@ class Demo:
         self.say(f"{st.name}: ok in {st.seconds:.0f} s")
 
     def execute(self) -> None:
-        """Runs the stages in dependency order, up to ``jobs`` at a time, each with
-        ``cores // jobs`` threads. After a failure
-        no new stage starts; the running ones finish, then the first error is raised."""
+        """Runs the stages in dependency order, up to ``jobs`` at a time, each with the
+        config's ``threads``; an exclusive stage runs alone. After a failure no new stage
+        starts; the running ones finish, then the first error is raised."""
         # Of the stages ready to start, the one heading the longest chain of stages still to
         # come goes first (then the one added first): the chains teacher → adapted teacher →
         # distilled student → evaluation are the demo's critical path.
@@ -199,23 +197,27 @@ class Demo:
                         break
                     cond.wait()
                     continue
-                slots = self.jobs - len(running)
-                if slots <= 0 or not ready:
+                alone = any(self._exclusive(name) for name in running)
+                # an exclusive stage waits until nothing runs; the others go first meanwhile
+                ready = [st for st in ready if not st.exclusive or not running]
+                if alone or len(running) >= self.jobs or not ready:
                     cond.wait()
                     continue
-                # skipped stages take no time: start those first and without a slot's worth
                 st = ready[0]
-                # a fixed share, not one that depends on what else happens to be running:
-                # results computed with other thread counts can differ in the last bits
-                share = max(1, self.cores // self.jobs)
+                # A fixed thread count, the same whatever --jobs is and whatever runs beside
+                # it: results computed with other thread counts differ in the last bits, and
+                # training from scratch amplifies those (docs/DEMO.md, "Reproducibility").
                 pending.remove(st)
-                th = threading.Thread(target=work, args=(st, share), daemon=True)
+                th = threading.Thread(target=work, args=(st, self.cfg.threads), daemon=True)
                 running[st.name] = th
                 th.start()
         if errors:
             raise errors[0]
         if pending:
             raise RuntimeError("stages never became ready: " + ", ".join(s.name for s in pending))
+
+    def _exclusive(self, name: str) -> bool:
+        return any(st.exclusive for st in self.log if st.name == name)
 
     # -------------------------------------------------------------------------------- stages
     def _train_args(self, task: str, seed: int) -> list[str]:
@@ -294,8 +296,6 @@ class Demo:
 
     def plan(self) -> None:
         """Adds every stage with what it needs; :meth:`execute` runs them."""
-        from vlkd.data.synthetic import image_id_for
-
         o, s, c = self.out, self.scale, self.cfg_root
         ex, tr = str(BIN / "vlkd-extract"), str(BIN / "vlkd-train")
         d = s.data
@@ -350,28 +350,24 @@ class Demo:
         runs, vta_set = o / "runs", reg / "teacher-vta"
         m = self.cfg.models
         for task in self.cfg.tasks:
-            base = self._train_args(task, d.seed)
-            t_own, t_vta = runs / f"teacher-own-{task}", runs / f"teacher-vta-{task}"
+            t_own = runs / f"teacher-own-{task}"
             st_own = self.stage(f"{task}: teacher on its own boxes", [
                 tr, "finetune", "--model", m.teacher, "--regions", str(reg / "teacher-own"),
-                "--max-steps", str(s.steps.teacher), "--output-dir", str(t_own), *base],
-                t_own, after=(own, "tokenizer"))
-            st_vta = self.stage(f"{task}: teacher adapted to student boxes (VTA)", [
-                tr, "finetune", "--model", str(self.model_dir(t_own)), "--regions", str(vta_set),
-                "--max-steps", str(s.steps.teacher_adapt), "--output-dir", str(t_vta),
-                *base], t_vta, after=(st_own, vta))
+                "--max-steps", str(s.steps.teacher), "--output-dir", str(t_own),
+                *self._train_args(task, d.seed)], t_own, after=(own, "tokenizer"))
             self.evaluate(task, "teacher-own", t_own, reg / "teacher-own", st_own)
             self.evaluate(task, "teacher-own-on-student-boxes", t_own, vta_set, st_own)
-            self.evaluate(task, "teacher-vta", t_vta, vta_set, st_vta)
+            self.add_teacher_pair(task, d.seed)
             self.add_students(task, d.seed)
 
-        # pictures: boxes of one test image (student tags | teacher tags over the same boxes),
-        # teacher vs distilled-student attention maps on one test caption
+        # pictures: boxes of one test image (student tags | teacher tags over the same boxes,
+        # and the teacher's own boxes), teacher vs distilled-student attention maps
         pics = o / "pictures"
         self.stage("picture: boxes", [
             ex, "inspect", str(reg / "student"), "--with", str(reg / "teacher-vta"),
-            "--image-id", str(image_id_for("test", 0)), *images, "--draw", str(o / "boxes.png")],
-            pics / "boxes", after=(vta,))
+            "--unaligned", str(reg / "teacher-own"), "--image-id", str(self.picture_image()),
+            *images, "--max-boxes", str(self.cfg.picture_boxes), "--draw",
+            str(o / "boxes.png")], pics / "boxes", after=(vta, own))
         if "caption" in self.cfg.tasks:
             self.stage("picture: attention", [
                 tr, "show-attention", "--teacher", str(self.model_dir(runs / "teacher-vta-caption")),
@@ -380,6 +376,96 @@ class Demo:
                 "--teacher-regions", str(reg / "teacher-vta"), "--captions", str(karpathy),
                 "--split", "test", "--out", str(o / "attention.png")], pics / "attention",
                 after=("caption: student with KD",))
+        self.add_latency()
+        if "caption" in self.cfg.tasks:
+            self.add_pipeline_latency()
+
+    def add_teacher_pair(self, task: str, seed: int, suffix: str = "") -> tuple[str, str]:
+        """Visual Token Alignment and its control: the teacher trained on its own boxes, then
+        ``teacher_adapt`` more steps on the student's boxes (VTA) or, the control, the same
+        steps on its own boxes; both evaluated on the student's boxes, so that their difference
+        is what the boxes of the extra steps do. ``seed`` sets both runs' seed and data order
+        (the starting teacher is the same). Runs ``runs/teacher-{vta,ctrl}<suffix>-<task>``;
+        returns the two evaluation stages."""
+        s, P = self.scale, self.paths
+        tr, own = str(BIN / "vlkd-train"), P["runs"] / f"teacher-own-{task}"
+        out = []
+        for key, regions, name in (
+                ("vta", "teacher-vta", f"{task}: teacher adapted to student boxes (VTA){suffix}"),
+                ("ctrl", "teacher-own",
+                 f"{task}: teacher + adaptation steps on its own boxes (control){suffix}")):
+            run = P["runs"] / f"teacher-{key}{suffix}-{task}"
+            trained = self.stage(name, [
+                tr, "finetune", "--model", str(self.model_dir(own)),
+                "--regions", str(P["reg"] / regions), "--max-steps", str(s.steps.teacher_adapt),
+                "--output-dir", str(run), *self._train_args(task, seed)], run,
+                after=(f"{task}: teacher on its own boxes", "teacher-features"))
+            out.append(self.evaluate(task, f"teacher-{key}{suffix}" + (
+                "-on-student-boxes" if key == "ctrl" else ""), run, P["reg"] / "teacher-vta",
+                trained))
+        return out[0], out[1]
+
+    def latency_runs(self) -> list[tuple[str, str, Path, Path]]:
+        """(task, setting, model directory, region set) of every model the report shows."""
+        P = self.paths
+        stu, vta, own = (P["reg"] / n for n in ("student", "teacher-vta", "teacher-own"))
+        rows = []
+        for task in self.cfg.tasks:
+            r = lambda k: self.model_dir(P["runs"] / f"{k}-{task}")  # noqa: E731
+            rows += [(task, "teacher-own", r("teacher-own"), own),
+                     (task, "teacher-own-on-student-boxes", r("teacher-own"), vta),
+                     (task, "teacher-ctrl-on-student-boxes", r("teacher-ctrl"), vta),
+                     (task, "teacher-vta", r("teacher-vta"), vta),
+                     (task, "student-base", r("student-base"), stu),
+                     (task, "student-kd", r("student-kd"), stu)]
+        return rows
+
+    def add_latency(self) -> str:
+        """The last stage: every model's latency, measured alone (an exclusive stage) with
+        the same samples, batch, beam, repeats and threads (``vlkd-train latency``)."""
+        lat = self.scale.latency
+        argv = [str(BIN / "vlkd-train"), "latency", "--output-dir", str(self.out / "latency"),
+                "--samples", str(lat.samples), "--batch-size", str(lat.batch_size),
+                "--beam-size", str(self.cfg.train.get("eval.beam_size", 5)),
+                "--repeats", str(lat.repeats), "--threads", str(self.cfg.threads)]
+        for task in self.cfg.tasks:
+            argv += self._annotations(task, "test")
+        for task, key, model, regions in self.latency_runs():
+            argv += ["--run", task, key, str(model), str(regions)]
+        evals = [st.name for st in self.log if ": evaluate " in st.name]
+        return self.stage("latency", argv, self.out / "latency", after=tuple(evals),
+                          exclusive=True)
+
+    def add_pipeline_latency(self) -> list[str]:
+        """The deployed pipelines, detector and VL model end to end from the image file: the
+        student's (student detector + distilled student) and the teacher's (teacher detector
+        + the teacher trained on its boxes), each exported as a bundle (``vlkd-train export``)
+        whose card measures its latency; exclusive stages, like the latency stage."""
+        lat, P, names = self.scale.latency, self.paths, []
+        for role, model in (("student", "student-kd"), ("teacher", "teacher-own")):
+            regions = P["reg"] / ("student" if role == "student" else "teacher-own")
+            det, out = self.out / "detectors" / role, self.out / "bundles" / role
+            names.append(self.stage(f"pipeline latency: {role} (caption)", [
+                str(BIN / "vlkd-train"), "export", "--detector", str(det),
+                "--model", str(self.model_dir(P["runs"] / f"{model}-caption")),
+                "--regions", str(regions), "--out", str(out / "bundle"),
+                "--latency-images", str(lat.pipeline_images),
+                "--latency-repeats", str(lat.repeats), "--threads", str(self.cfg.threads),
+                "--set", f"beam_size={self.cfg.train.get('eval.beam_size', 5)}"], out,
+                after=("latency",), exclusive=True))
+        return names
+
+    def picture_image(self) -> int:
+        """The test image boxes.png shows: of the first 20, the first with the most objects
+        among those not much wider than tall (read from the world's generator, so the plan
+        does not wait for the data)."""
+        from vlkd.data.synthetic import image_id_for, make_scene
+
+        d = self.scale.data
+        scenes = [make_scene(d.seed, "test", i)[1] for i in range(min(20, d.num_test))]
+        rank = [(min(s.width, s.height) >= 0.6 * max(s.width, s.height), len(s.objects), -i)
+                for i, s in enumerate(scenes)]
+        return image_id_for("test", -max(rank)[2] if rank else 0)
 
     @staticmethod
     def model_dir(run_dir: Path) -> Path:

@@ -24,20 +24,32 @@ def test_quick_demo_report(tmp_path):
     for role in ("student", "teacher"):
         ap = res["detectors"][role].get("AP")
         assert isinstance(ap, float) and math.isfinite(ap), (role, ap)
-    for key in ("teacher-own", "teacher-own-on-student-boxes", "teacher-vta", "student-base",
-                "student-kd"):
+    for key in ("teacher-own", "teacher-own-on-student-boxes", "teacher-ctrl-on-student-boxes",
+                "teacher-vta", "student-base", "student-kd"):
         row = res["models"][key]
-        for metric in ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L", "VQA"):
+        for metric in ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L", "VQA", "caption_ms", "vqa_ms"):
             v = row.get(metric)
             assert isinstance(v, float) and math.isfinite(v), (key, metric, v)
-        assert row["num_parameters"] > 0 and row["seconds_per_image"] > 0
-    prior = res["vqa_prior"]["accuracy"]                     # the model-free VQA reference
-    assert math.isfinite(prior) and 0 < prior < 100 and "question-type prior" in report
-    assert "Wall time of this run" in report
+        assert row["num_parameters"] > 0 and row["caption_ms"] > 0 and row["vqa_ms"] > 0
+    for key in ("vqa_prior", "vqa_text_prior"):             # the model-free VQA references
+        prior = res[key]["accuracy"]
+        assert math.isfinite(prior) and 0 < prior < 100
+    assert "question-type prior" in report and "question-text prior" in report
+    assert "Wall time of this run" in report and "one run on one machine" in report
+    assert "VTA effect (adapted − control" in report and "benchmarks/kd_gain.py" in report
+    # latency: its own stage, alone, the config's threads, every model of both tasks
+    lat = json.loads((out / "latency" / "latency.json").read_text())
+    assert lat["settings"]["threads"] == 1 and lat["settings"]["batch_size"] == 1
+    assert len(lat["rows"]) == 12 and f"{lat['settings']['threads']} thread(s)" in report
+    st = {s["name"]: s for s in res["stages"]}
+    assert "latency" in st and "caption: evaluate teacher-ctrl-on-student-boxes" in st
     for png in ("boxes.png", "attention.png", "training_curves.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, png
         assert png in report
+    from PIL import Image
+    with Image.open(out / "boxes.png") as im:   # student | teacher tags | teacher's own boxes
+        assert im.width % 3 == 0 and im.width >= 3 * 480
     assert "n/a" not in report.split("## Pictures")[0]
     # a re-run skips every finished stage
     r2 = subprocess.run([str(BIN / "vlkd-demo"), "--out", str(out), "--quick"],

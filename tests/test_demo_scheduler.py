@@ -1,7 +1,6 @@
 """The demo's stage graph: dependency order, stages side by side, thread shares, failures and
 skipping on a re-run. Stages here are tiny Python processes that record when they ran."""
 import json
-import os
 import sys
 
 import pytest
@@ -12,17 +11,17 @@ STAGE = """
 import json, os, sys, time
 t0 = time.time()
 time.sleep(float(sys.argv[2]))
-json.dump({"start": t0, "end": time.time(), "threads": os.environ["OMP_NUM_THREADS"]},
-          open(sys.argv[1], "w"))
+json.dump({"start": t0, "end": time.time(), "threads": os.environ["OMP_NUM_THREADS"],
+           "argv": sys.argv[1:]}, open(sys.argv[1], "w"))
 sys.exit(int(sys.argv[3]))
 """
 
 
-def _stage(demo, tmp_path, name, after=(), sleep=0.6, rc=0):
+def _stage(demo, tmp_path, name, after=(), sleep=0.6, rc=0, exclusive=False):
     out = tmp_path / "stages" / name
     rec = tmp_path / f"{name}.json"
-    demo.stage(name, [sys.executable, "-c", STAGE, str(rec), str(sleep), str(rc)], out,
-               after=after)
+    demo.stage(name, [sys.executable, "-c", STAGE, str(rec), str(sleep), str(rc),
+                      "--num-threads", "1"], out, after=after, exclusive=exclusive)
     return rec
 
 
@@ -42,9 +41,9 @@ def test_order_parallelism_and_thread_shares(tmp_path):
     assert r["a"]["end"] <= min(r["b"]["start"], r["c"]["start"])
     assert r["b"]["start"] < r["c"]["end"] and r["c"]["start"] < r["b"]["end"]  # side by side
     assert r["d"]["start"] >= max(r["b"]["end"], r["c"]["end"])
-    cores = len(os.sched_getaffinity(0))
-    # a fixed share, alone or not, so results do not depend on what ran beside them
-    assert {int(x["threads"]) for x in r.values()} == {max(1, cores // 2)}
+    # the config's fixed thread count, alone or not, so results do not depend on what ran
+    # beside them or on --jobs
+    assert {int(x["threads"]) for x in r.values()} == {demo.cfg.threads} == {1}
     assert all(st.seconds > 0 and not st.skipped for st in demo.log)
     assert all((st.out / ".done").exists() and (st.out / "stage.log").exists()
                for st in demo.log)
@@ -63,6 +62,46 @@ def test_one_job_runs_stages_one_after_another(tmp_path):
     spans = sorted((json.loads(p.read_text())["start"], json.loads(p.read_text())["end"])
                    for p in recs.values())
     assert all(e0 <= s1 for (_, e0), (s1, _) in zip(spans, spans[1:]))
+
+
+def test_what_a_stage_gets_does_not_depend_on_jobs(tmp_path):
+    """--jobs changes when stages run, never what they run with: the same command line (the
+    --num-threads value included) and the same thread environment. With every stage
+    deterministic, the demo's scores are then the same for any --jobs (docs/DEMO.md)."""
+    seen = []
+    for jobs in (1, 3):
+        demo, recs = _diamond(tmp_path / f"jobs{jobs}", jobs=jobs)
+        demo.execute()
+        got = {k: json.loads(p.read_text()) for k, p in recs.items()}
+        seen.append({k: (v["threads"], [a for a in v["argv"] if "jobs" not in a])
+                     for k, v in got.items()})
+    assert seen[0] == seen[1]
+    assert {v[0] for v in seen[0].values()} == {"1"}
+    assert all(v[1][-2:] == ["--num-threads", "1"] for v in seen[0].values())
+
+    # and with threads: 2 in the config, every stage gets 2 whatever --jobs is
+    for jobs in (1, 2):
+        demo = Demo(tmp_path / f"t{jobs}", jobs=jobs, overrides=("threads=2",))
+        rec = _stage(demo, tmp_path / f"t{jobs}", "a", sleep=0.0)
+        demo.execute()
+        r = json.loads(rec.read_text())
+        assert r["threads"] == "2" and r["argv"][-2:] == ["--num-threads", "2"]
+
+
+def test_an_exclusive_stage_runs_alone(tmp_path):
+    """The latency stage's rule: it starts only when nothing runs, and nothing starts while it
+    runs, though other stages are ready and --jobs would allow them."""
+    demo = Demo(tmp_path / "out", jobs=3)
+    recs = {"a": _stage(demo, tmp_path, "a", sleep=0.1)}
+    recs["x"] = _stage(demo, tmp_path, "x", after=("a",), sleep=0.6, exclusive=True)
+    for name in ("b", "c", "d"):
+        recs[name] = _stage(demo, tmp_path, name, after=("a",), sleep=0.4)
+    demo.execute()
+    r = {k: json.loads(p.read_text()) for k, p in recs.items()}
+    x = r.pop("x")
+    for k, v in r.items():
+        assert v["end"] <= x["start"] or v["start"] >= x["end"], k
+    assert r["b"]["start"] < r["c"]["end"] and r["c"]["start"] < r["b"]["end"]  # others in parallel
 
 
 def test_failure_stops_new_stages_and_keeps_finished_ones(tmp_path):
@@ -100,6 +139,35 @@ def test_demo_plan_is_a_valid_graph(tmp_path):
     assert st["caption: student without KD"].after == ["tokenizer"]
     assert "caption: student with KD" in st["caption: evaluate student-kd"].after
     assert set(st["teacher-features"].after) == {"proposals-student", "detector-teacher"}
+    # the VTA control: the same teacher, the same extra steps and seed, on its own boxes;
+    # evaluated on the student's boxes like the adapted teacher
+    for task in ("caption", "vqa"):
+        vta = st[f"{task}: teacher adapted to student boxes (VTA)"].argv
+        ctrl = st[f"{task}: teacher + adaptation steps on its own boxes (control)"].argv
+        diff = [(a, b) for a, b in zip(vta, ctrl) if a != b]
+        assert len(vta) == len(ctrl) and diff == [
+            (str(demo.out / "regions/teacher-vta"), str(demo.out / "regions/teacher-own")),
+            (str(demo.out / f"runs/teacher-vta-{task}"),
+             str(demo.out / f"runs/teacher-ctrl-{task}"))]
+        ev = st[f"{task}: evaluate teacher-ctrl-on-student-boxes"].argv
+        assert ev[ev.index("--regions") + 1] == str(demo.out / "regions/teacher-vta")
+    # latency: last, alone, every evaluated model of both tasks
+    lat = st["latency"]
+    assert {s.name for s in demo.log if s.exclusive} == {
+        "latency", "pipeline latency: student (caption)", "pipeline latency: teacher (caption)"}
+    for role, model, regions in (("student", "student-kd", "student"),
+                                 ("teacher", "teacher-own", "teacher-own")):
+        ex = st[f"pipeline latency: {role} (caption)"].argv
+        assert ex[1] == "export" and ex[ex.index("--detector") + 1] == str(
+            demo.out / "detectors" / role)
+        assert ex[ex.index("--model") + 1] == str(demo.out / f"runs/{model}-caption/final")
+        assert ex[ex.index("--regions") + 1] == str(demo.out / "regions" / regions)
+    assert {a for a in lat.after} == {n for n in names if ": evaluate " in n}
+    runs = [lat.argv[i + 1:i + 5] for i, a in enumerate(lat.argv) if a == "--run"]
+    assert len(runs) == 12 and {r[0] for r in runs} == {"caption", "vqa"}
+    assert lat.argv[lat.argv.index("--threads") + 1] == "1"
+    box = st["picture: boxes"].argv
+    assert box[box.index("--unaligned") + 1] == str(demo.out / "regions/teacher-own")
 
 
 def test_rerun_with_other_arguments_is_refused(tmp_path):
@@ -228,3 +296,46 @@ def test_cli_options_set_and_jobs(tmp_path, monkeypatch):
     r = CliRunner().invoke(main, ["--out", str(tmp_path / "o"), "--set", "quick.stepz=1"])
     assert r.exit_code == 1 and "unknown key 'quick.stepz'" in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_kd_gain_adds_seeds_with_the_vta_control_and_writes_its_table(tmp_path, monkeypatch):
+    """kd_gain over seeds 0, 1: seed 1 gets its own students and its own adaptation/control
+    pair from the same teacher; the table has KD and VTA rows for both tasks, with the sign
+    count, and goes to kd_gain.md / kd_gain.json beside the demo."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "kd_gain", Path(__file__).resolve().parents[1] / "benchmarks" / "kd_gain.py")
+    kd_gain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kd_gain)
+    planned = {}
+
+    def fake_execute(self):                      # every evaluation writes a made-up score
+        for st in self.log:
+            planned[st.name] = st
+            if ": evaluate " in st.name:
+                out = Path(st.argv[st.argv.index("--output-dir") + 1])
+                out.mkdir(parents=True, exist_ok=True)
+                key = out.name
+                v = 0.3 + (0.2 if "kd" in key or "vta" in key else 0.0) + 0.01 * ("seed1" in key)
+                (out / "scores.json").write_text(json.dumps({"CIDEr": v, "accuracy": 100 * v}))
+
+    monkeypatch.setattr(Demo, "execute", fake_execute)
+    res = kd_gain.run(tmp_path / "out", True, [0, 1], 2, None)
+    seed1 = [n for n in planned if n.endswith("-seed1")]
+    assert "caption: teacher adapted to student boxes (VTA)-seed1" in seed1
+    assert "vqa: teacher + adaptation steps on its own boxes (control)-seed1" in seed1
+    ctrl = planned["caption: teacher + adaptation steps on its own boxes (control)-seed1"].argv
+    assert ctrl[ctrl.index("--seed") + 1] == "1"
+    assert ctrl[ctrl.index("--model") + 1].endswith("runs/teacher-own-caption/final")
+    for task in ("caption", "vqa"):
+        assert set(res["tasks"][task]) == {"KD", "VTA"}
+        vta = res["tasks"][task]["VTA"]
+        assert [r["seed"] for r in vta["rows"]] == [0, 1] and vta["wins"] == 2
+    text = kd_gain.table(res)
+    assert "| caption | CIDEr | VTA | mean |" in text and "| vqa | VQA acc. | KD | 1 |" in text
+    assert "caption VTA: +" in text and "(n=2; 2/2 seeds positive)" in text
+    md = kd_gain.write_table(res, tmp_path / "out")
+    assert text in md.read_text()
+    assert json.loads((tmp_path / "out" / "kd_gain.json").read_text())["seeds"] == [0, 1]
