@@ -51,8 +51,63 @@ def test_quick_demo_report(tmp_path):
     with Image.open(out / "boxes.png") as im:   # student | teacher tags | teacher's own boxes
         assert im.width % 3 == 0 and im.width >= 3 * 480
     assert "n/a" not in report.split("## Pictures")[0]
+    _bundles_of_the_demo_caption_and_answer(out, tmp_path)
     # a re-run skips every finished stage
     r2 = subprocess.run([str(BIN / "vlkd-demo"), "--out", str(out), "--quick"],
                         capture_output=True, text=True, timeout=300)
     assert r2.returncode == 0, r2.stderr[-2000:]
     assert "skipped" in r2.stderr and " ok in " not in r2.stderr
+
+
+def _run(args, timeout=300):
+    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _bundles_of_the_demo_caption_and_answer(out: Path, tmp_path: Path) -> None:
+    """Issue H: bundles of the quick demo's own models (the student detector with the distilled
+    caption student, exported by the demo's pipeline-latency stage; the same detector with the
+    distilled VQA student, exported here) caption a folder of fresh synthetic images holding
+    one unreadable file and answer questions about them: official results formats, the
+    unreadable image listed and skipped, byte-identical files on a second run."""
+    from PIL import Image
+
+    from vlkd.data.synthetic import make_scene
+
+    cap = out / "bundles" / "student" / "bundle"
+    assert (cap / "bundle.json").is_file()
+    vqa = tmp_path / "vqa-bundle"
+    _run([BIN / "vlkd-train", "export", "--detector", out / "detectors" / "student",
+          "--model", out / "runs" / "student-kd-vqa" / "final", "--regions",
+          out / "regions" / "student", "--out", vqa, "--latency-images", 0])
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    ids = [701, 702, 703]
+    for k, iid in enumerate(ids):          # another seed than the demo's world: unseen images
+        Image.fromarray(make_scene(17, "test", k)[0]).save(fresh / f"{iid}.png")
+    (fresh / "799.png").write_bytes(b"not a PNG")
+    qs = [{"question_id": 10 * iid + j, "image_id": str(iid), "question": q}
+          for iid in ids + [799] for j, q in enumerate(("how many shapes are there?",
+                                                        "is there a red circle?"))]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in qs))
+    for run in ("a", "b"):
+        _run([BIN / "vlkd-infer", "caption", "--bundle", cap, "--images", fresh,
+              "--out", tmp_path / run / "captions.json"])
+        _run([BIN / "vlkd-infer", "answer", "--bundle", vqa, "--images", fresh,
+              "--questions", tmp_path / "q.jsonl", "--out", tmp_path / run / "answers.json"])
+    caps = json.loads((tmp_path / "a" / "captions.json").read_text())
+    assert [r["image_id"] for r in caps] == ids                  # COCO caption results
+    assert all(set(r) == {"image_id", "caption"} and isinstance(r["caption"], str)
+               and r["caption"] for r in caps)
+    answers = (vqa / "model" / "answers.txt").read_text().splitlines()
+    ans = json.loads((tmp_path / "a" / "answers.json").read_text())   # VQA results
+    assert [r["question_id"] for r in ans] == [q["question_id"] for q in qs
+                                               if q["image_id"] != "799"]
+    assert all(set(r) == {"question_id", "answer"} and r["answer"] in answers for r in ans)
+    for name in ("captions.failures.json", "answers.failures.json"):
+        fails = json.loads((tmp_path / "a" / name).read_text())
+        assert [f["image_id"] for f in fails] == ["799"], fails
+    for name in ("captions.json", "answers.json", "captions.failures.json",
+                 "answers.failures.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
