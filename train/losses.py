@@ -527,6 +527,14 @@ class _HiddenLayerLoss(KDLoss):
                    num_student_layers=student_config.num_layers,
                    num_teacher_layers=teacher_config.num_layers, **params)
 
+    def compute(self, student, teacher, batch):
+        name = self.registry_name
+        teacher = _require_teacher(teacher, name)
+        if student.hidden_states is None or teacher.hidden_states is None:
+            raise ValueError(f"{name} needs hidden_states from both models; run them with "
+                             "**combiner.output_flags()")
+        return self(student.hidden_states, teacher.hidden_states, student.token_mask)
+
     def output_flags(self):
         return {"output_hidden_states": True}
 
@@ -700,13 +708,6 @@ class HiddenInfoNCELoss(_HiddenLayerLoss):
             self.queue.enqueue(k.detach().transpose(0, 1))  # (N, P, d), gathered over ranks
         return loss
 
-    def compute(self, student, teacher, batch):
-        teacher = _require_teacher(teacher, "hidden_infonce")
-        if student.hidden_states is None or teacher.hidden_states is None:
-            raise ValueError("hidden_infonce needs hidden_states from both models; run them with "
-                             "**combiner.output_flags()")
-        return self(student.hidden_states, teacher.hidden_states, student.token_mask)
-
 
 @register_loss("hidden_mse")
 class HiddenMSELoss(_HiddenLayerLoss):
@@ -748,13 +749,6 @@ class HiddenMSELoss(_HiddenLayerLoss):
             ht = teacher_hidden[t][mask].detach().to(hs.dtype)
             total = total + F.mse_loss(hs, ht, reduction="sum") / max(ht.numel(), 1)
         return total / len(self.pairs)
-
-    def compute(self, student, teacher, batch):
-        teacher = _require_teacher(teacher, "hidden_mse")
-        if student.hidden_states is None or teacher.hidden_states is None:
-            raise ValueError("hidden_mse needs hidden_states from both models; run them with "
-                             "**combiner.output_flags()")
-        return self(student.hidden_states, teacher.hidden_states, student.token_mask)
 
 
 @register_loss("logit_kd")
