@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from vlkd.common.machine import cpu_count
 from vlkd.common.manifest import ManifestError, read_manifest
 
 __all__ = ["LaunchError", "ShardOutcome", "LaunchResult", "launch", "COMMANDS"]
@@ -72,13 +73,6 @@ class LaunchResult:
         if not self.failed:
             return 0
         return 3 if all(o.returncode == 3 for o in self.failed) else 1
-
-
-def _cpu_count() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover (macOS)
-        return max(1, os.cpu_count() or 1)
 
 
 def _visible_gpus() -> int:
@@ -143,7 +137,7 @@ def launch(command: str, args: Sequence[str], *, num_shards: int, out: str | os.
         say(f"launch: {len(done)} of {num_shards} shard(s) already complete")
     say(f"launch: {command}, {len(todo)} shard(s) on {len(slots)} process slot(s) "
         f"({', '.join(slots)}); logs in {logs}")
-    threads = max(1, _cpu_count() // len(slots))
+    threads = max(1, cpu_count() // len(slots))
     queue = list(todo)
     lock = threading.Lock()
     outcomes: dict[int, ShardOutcome] = {}
