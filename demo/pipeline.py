@@ -172,6 +172,7 @@ class Demo:
             chain[st.name] = 1 + max((chain[d.name] for d in self.log if st.name in d.after),
                                      default=0)
         order = {st.name: i for i, st in enumerate(self.log)}
+        stages = {st.name: st for st in self.log}
         pending = sorted(self.log, key=lambda st: (-chain[st.name], order[st.name]))
         finished: set[str] = set()
         running: dict[str, threading.Thread] = {}
@@ -197,7 +198,7 @@ class Demo:
                         break
                     cond.wait()
                     continue
-                alone = any(self._exclusive(name) for name in running)
+                alone = any(stages[name].exclusive for name in running)
                 # an exclusive stage waits until nothing runs; the others go first meanwhile
                 ready = [st for st in ready if not st.exclusive or not running]
                 if alone or len(running) >= self.jobs or not ready:
@@ -215,9 +216,6 @@ class Demo:
             raise errors[0]
         if pending:
             raise RuntimeError("stages never became ready: " + ", ".join(s.name for s in pending))
-
-    def _exclusive(self, name: str) -> bool:
-        return any(st.exclusive for st in self.log if st.name == name)
 
     # -------------------------------------------------------------------------------- stages
     def _train_args(self, task: str, seed: int) -> list[str]:

@@ -79,14 +79,13 @@ def collect(out: Path) -> dict:
                 "detector_parameters": b["detector"]["num_parameters"],
                 "model_parameters": b["model"]["num_parameters"],
                 "model": b["model"]["source"], **b["latency"]}
-    res["vqa_prior"] = _vqa_prior(out)
-    res["vqa_text_prior"] = _vqa_prior(out, by="question")
+    res["vqa_prior"], res["vqa_text_prior"] = _vqa_priors(out) or (None, None)
     return res
 
 
-def _vqa_prior(out: Path, by: str = "question_type") -> dict | None:
-    """VQA accuracy on the test split of answering by question type (or by the question's
-    text) alone, no image, no model: what a VQA model must beat to show it reads the
+def _vqa_priors(out: Path) -> tuple[dict, dict] | None:
+    """VQA accuracy on the test split of answering by question type, and by the question's
+    text, alone (no image, no model): what a VQA model must beat to show it reads the
     regions. Scored on the questions the models were scored on (``eval_max_samples`` may
     keep only the first ones), read from the student's predictions; the whole split when
     there are none."""
@@ -104,7 +103,8 @@ def _vqa_prior(out: Path, by: str = "question_type") -> dict | None:
             scored = {p["question_id"] for p in json.loads(preds.read_text())}
             test = [q for q in test if q.question_id in scored]
             break
-    return vqa_accuracy(question_type_prior(train, test, by=by), test)
+    return tuple(vqa_accuracy(question_type_prior(train, test, by=by), test)
+                 for by in ("question_type", "question"))
 
 
 def _curves(out: Path, png: Path) -> bool:
