@@ -286,7 +286,8 @@ def test_sigkill_then_rerun_gives_the_same_set(tmp_path, workers):
     argv = [sys.executable, "-m", "vlkd.extract.cli", *_argv(files, out, "--num-workers",
                                                               workers)]
     commit = out / "shard-00000-of-00002.h5.partial" / "commit.json"
-    rc, err, seed = sigkill_after_first_commit(argv, commit, 0.3)
+    # the import commits every ~3 ms on a quiet machine: a short delay keeps the kill mid-shard
+    rc, err, seed = sigkill_after_first_commit(argv, commit, 0.02)
     assert rc == -signal.SIGKILL, (seed, err)
     assert not (out / "shard-00001-of-00002.h5").exists()
     res = invoke_extract([*_argv(files, out, "--num-workers", workers), "--log-format", "json"])
