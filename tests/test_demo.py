@@ -52,6 +52,7 @@ def test_quick_demo_report(tmp_path):
         assert im.width % 3 == 0 and im.width >= 3 * 480
     assert "n/a" not in report.split("## Pictures")[0]
     _bundles_of_the_demo_caption_and_answer(out, tmp_path)
+    _ground_truth_boxes_of_the_vqa_diagnosis(out)
     # a re-run skips every finished stage
     r2 = subprocess.run([str(BIN / "vlkd-demo"), "--out", str(out), "--quick"],
                         capture_output=True, text=True, timeout=300)
@@ -63,6 +64,40 @@ def _run(args, timeout=300):
     r = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
+
+
+def _ground_truth_boxes_of_the_vqa_diagnosis(out: Path) -> None:
+    """benchmarks/vqa_diagnosis.py's ground-truth sets: every image of the world, its regions
+    the scene's objects (visible boxes, x1 y1 x2 y2) tagged with their shapes (gt-boxes), the
+    same boxes pooled by the demo's teacher detector (gt-teacher); its region-count table."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import vqa_diagnosis
+    from vlkd.common.regionset import RegionSet
+
+    work = out / "vqa-diagnosis"
+    work.mkdir()
+    gt = RegionSet(vqa_diagnosis.ground_truth_set(out, work))
+    tags = RegionSet(work / "gt-boxes")
+    classes = json.loads((out / "detectors" / "teacher" / "class_names.json").read_text())
+    teacher = RegionSet(out / "regions" / "teacher-own")
+    assert gt.feature_dim == teacher.feature_dim and gt.feature_dim != 8
+    ann = out / "data" / "annotations"
+    n = 0
+    for split in ("train", "val", "test"):
+        for scene in json.loads((ann / f"scenes_{split}.json").read_text()):
+            r = gt.get(str(scene["image_id"]))
+            want = [[x, y, x + w, y + h] for x, y, w, h in (o["bbox"] for o in scene["objects"])]
+            assert r.boxes.tolist() == want
+            t = tags.get(str(scene["image_id"]))
+            assert t.boxes.tolist() == want
+            assert [classes[c] for c in t.classes] == [o["shape"] for o in scene["objects"]]
+            assert tuple(r.image_hw) == (scene["height"], scene["width"])
+            assert r.features.any()
+            n += 1
+    assert n == len(gt) == len(teacher)
+    lines = []
+    vqa_diagnosis.region_counts(out, lines)
+    assert lines[2].startswith("| teacher-own | ") and len(lines) == 4
 
 
 def _bundles_of_the_demo_caption_and_answer(out: Path, tmp_path: Path) -> None:
