@@ -181,6 +181,33 @@ def test_pretrain_runs_mlm_and_matching(world, tmp_path):
     assert {"loss/mlm", "loss/itm"} <= set(rows[0])
     first, last = _falls(run)
     assert last < first
+    # VQA fine-tuned from the pre-trained model (Oscar's recipe): its VQA head, never trained,
+    # is started anew for this answer vocabulary; every other weight is the pre-trained one
+    # (lr 0: one step changes nothing)
+    from safetensors.torch import load_file
+    q, a = world["vqa"]
+    vqa = tmp_path / "vqa-from-pre"
+    invoke(["finetune", "--task", "vqa", "--regions", world["student"], "--model", run / "final",
+            "--vqa-questions", q, "--vqa-annotations", a, "--set", "data.answer_min_count=1",
+            "--set", "optim.lr=0", *cli_args(world, vqa, steps=1)])
+    answers = (vqa / "final" / "answers.txt").read_text().split("\n")[:-1]
+    pre = load_file(run / "final" / "model.safetensors")
+    got = load_file(vqa / "final" / "model.safetensors")
+    assert json.loads((run / "final" / "config.json").read_text())["num_answers"] != len(answers)
+    assert json.loads((vqa / "final" / "config.json").read_text())["num_answers"] == len(answers)
+    assert got["vqa_head.fc2.weight"].shape[0] == len(answers)
+    body = [k for k in pre if not k.startswith("vqa_head.")]
+    assert body and all(torch.equal(pre[k], got[k]) for k in body)
+    w = got["vqa_head.fc1.weight"]
+    assert not torch.equal(w, pre["vqa_head.fc1.weight"]) and 0.01 < float(w.std()) < 0.03
+    # a VQA model keeps refusing another vocabulary: its head was trained for its own
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(answers[:-1]) + "\n")
+    res = CliRunner().invoke(main, [str(x) for x in [
+        "finetune", "--task", "vqa", "--regions", world["student"], "--model", vqa / "final",
+        "--vqa-questions", q, "--vqa-annotations", a, "--answer-vocab", other,
+        *cli_args(world, tmp_path / "refused", steps=1)]])
+    assert res.exit_code == 2 and "answers.txt" in res.output, res.output
 
 
 def test_bad_override_is_explained(world, tmp_path):

@@ -23,7 +23,7 @@ from vlkd.data.captions import AnnotationError
 from vlkd.data.vqa import build_answer_vocab, load_answer_vocab, multiple_choice_answers
 
 from .config import ConfigError, ModelSpec, RunConfig, resolved_losses
-from .model import VLConfig, VLModel
+from .model import VLConfig, VLModel, VQAHead
 from .stream import Record, RegionStream, resolve_tag_set
 from .tasks import TASKS, Task, TextEncoder
 from .tokenizer import TokenizerError, load_tokenizer, vocab_digest
@@ -147,6 +147,14 @@ def load_model_dir(path: str | Path, overrides: dict | None = None) -> VLModel:
                       "Hugging Face BERT pass it as model.init_text with a preset model")
 
 
+def _untrained_vqa_head(model: str) -> bool:
+    """Whether ``model`` is a vlkd model directory trained for a task other than vqa (its
+    ``vlkd_train.json`` says which) and without an answer vocabulary of its own."""
+    if not _is_model_dir(model) or (Path(model) / ANSWERS_NAME).is_file():
+        return False
+    return read_meta(model).get("task") not in (None, "vqa")
+
+
 def build_model(spec: ModelSpec, *, region_dim: int, vocab_size: int,
                 num_answers: int | None = None, num_itm_classes: int | None = None) -> VLModel:
     """The model of ``spec`` (preset, config file or directory), checked against the data.
@@ -155,7 +163,9 @@ def build_model(spec: ModelSpec, *, region_dim: int, vocab_size: int,
         spec: The ``model`` config section.
         region_dim: The region set's feature width (a new model takes it).
         vocab_size: The tokenizer's size (a new model takes it unless initialised from BERT).
-        num_answers: VQA answer count (a new model takes it).
+        num_answers: VQA answer count (a new model takes it, and so does the VQA head of a
+            model directory trained for another task, initialised anew; a VQA model with
+            another count is refused).
         num_itm_classes: Image-text matching outputs the task needs (a new model takes it; a
             trained model with another count is refused).
     """
@@ -200,6 +210,17 @@ def build_model(spec: ModelSpec, *, region_dim: int, vocab_size: int,
     if vocab_size > c.vocab_size:
         raise ConfigError(f"the tokenizer has {vocab_size} tokens but model {spec.model!r} only "
                           f"{c.vocab_size} embeddings; use the model's own tokenizer")
+    if (num_answers and "vqa" in c.heads and c.num_answers != num_answers
+            and _untrained_vqa_head(spec.model)):
+        # A model trained for another task (pre-training, captioning) carries the VQA head of
+        # its initialisation, never trained: start it anew for this vocabulary, as Oscar's
+        # run_vqa.py does with the classifier a pre-training checkpoint lacks.
+        log.info("model %s was trained for %r, not vqa: its VQA head (%d answers, never "
+                 "trained) is initialised anew for %d answers", spec.model,
+                 read_meta(spec.model).get("task"), c.num_answers, num_answers)
+        c.num_answers = num_answers
+        model.vqa_head = VQAHead(c)
+        model.vqa_head.apply(model._init_module)
     if num_answers and "vqa" in c.heads and c.num_answers != num_answers:
         raise ConfigError(f"model {spec.model!r} predicts {c.num_answers} answers but the answer "
                           f"vocabulary has {num_answers}; pass the model's answers.txt as "
