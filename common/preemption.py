@@ -58,6 +58,10 @@ class StopSignals:
             second Ctrl-C). Pass a callable returning False where repeated signals are
             expected (under torchrun, which forwards the terminal's Ctrl-C to ranks that got
             it already).
+        keep_on_exit: leave the handlers installed when the context ends (a command whose
+            work is done: a signal from then on, while it writes its last files and exits,
+            is recorded and does nothing, instead of killing it with the default action
+            half-way through them).
 
     Attributes:
         requested: the signal number once one came, else None.
@@ -66,11 +70,12 @@ class StopSignals:
 
     signals = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, second_sigint_stops_now=True):
+    def __init__(self, second_sigint_stops_now=True, keep_on_exit: bool = False):
         self.requested: int | None = None
         self.received_at: float | None = None
         self._old: dict[int, object] = {}
         self._second_stops = second_sigint_stops_now
+        self._keep = bool(keep_on_exit)
 
     def _handle(self, signum, frame) -> None:
         if self.requested is not None and signum == signal.SIGINT:
@@ -88,8 +93,9 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc) -> None:
-        for s, old in self._old.items():
-            signal.signal(s, old)
+        if not self._keep:
+            for s, old in self._old.items():
+                signal.signal(s, old)
         self._old.clear()
 
     def check(self, where: str) -> None:

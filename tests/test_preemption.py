@@ -416,6 +416,37 @@ def test_workers_forked_inside_quiet_children_ignore_stop_signals():
     assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # parent unmasked
 
 
+_LATE_SIGNAL = """
+import os, signal, sys
+from vlkd.train import build, cli
+save = build.save_model_dir
+def save_and_signal(model, directory, *args, **kw):
+    if directory.name == "final":  # after the last step: the trainer's context has ended
+        os.kill(os.getpid(), signal.SIGTERM)
+    return save(model, directory, *args, **kw)
+build.save_model_dir = save_and_signal
+sys.argv = ["vlkd-train", *sys.argv[1:]]
+cli.run()
+"""
+
+
+@pytest.mark.skipif(not VLKD_TRAIN.exists(), reason="vlkd-train is not installed beside python")
+def test_a_signal_after_the_last_step_lets_the_run_end_complete(world, tmp_path):
+    """A SIGTERM while vlkd-train writes its final model (after the trainer's loop) neither kills
+    it half-way through final/ nor asks for a resume: the model is written, exit status 0.
+    From Python (no process of its own) the handlers are put back as they were."""
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-c", _LATE_SIGNAL,
+                        *map(str, _distill_args(world, run, steps=4))],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "SIGTERM came after the last step: the run is complete" in r.stderr
+    assert (run / "final" / "model.safetensors").is_file()
+    before = signal.getsignal(signal.SIGTERM)
+    invoke(_distill_args(world, tmp_path / "in-process", steps=2))
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_repeated_sigint_under_torchrun_keeps_the_first_request(monkeypatch):
     from vlkd.train.distributed import TrainStopSignals
 

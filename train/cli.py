@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -225,6 +226,8 @@ def _train(command: str, cfg, resume: str | None) -> None:
                  command, stream.num_samples, len(stream), trainer.total_steps,
                  regions.feature_dim, f", teacher {cfg.distill.teacher}" if distill else "",
                  sorted(n for n in combiner.terms if combiner.weights[n]))
+        # in its own process, a signal after the last step waits for final/ and the exit
+        trainer.keep_signal_handlers = _OWN_PROCESS
         trainer.train()
         if env.is_main:
             final = run_dir / "final"
@@ -232,6 +235,10 @@ def _train(command: str, cfg, resume: str | None) -> None:
             log.info("done: model in %s%s", final,
                      f", best ({trainer.best['metric']} {trainer.best['value']:.4f} at step "
                      f"{trainer.best['step']}) in {run_dir / 'best'}" if trainer.best else "")
+        late = trainer.late_signals
+        if late is not None and late.requested is not None:
+            log.warning("%s came after the last step: the run is complete, nothing to resume",
+                        signal.Signals(late.requested).name)
     finally:
         teardown_distributed(env)
 
@@ -669,5 +676,18 @@ def export(ctx):
     sys.exit(res.returncode)
 
 
-if __name__ == "__main__":
+#: Whether this interpreter is the vlkd-train process itself (the console script, or
+#: ``python -m vlkd.train.cli`` as torchrun starts it), which exits right after its command;
+#: not a call from Python such as click's CliRunner, whose signal handlers must be restored.
+_OWN_PROCESS = False
+
+
+def run() -> None:
+    """The ``vlkd-train`` console script: :func:`main` in a process of its own."""
+    global _OWN_PROCESS
+    _OWN_PROCESS = True
     main()
+
+
+if __name__ == "__main__":
+    run()

@@ -128,8 +128,9 @@ class TrainStopSignals(StopSignals):
     the first request; elsewhere a second Ctrl-C raises ``KeyboardInterrupt`` at once.
     """
 
-    def __init__(self):
-        super().__init__(second_sigint_stops_now=lambda: not under_torchrun())
+    def __init__(self, keep_on_exit: bool = False):
+        super().__init__(second_sigint_stops_now=lambda: not under_torchrun(),
+                         keep_on_exit=keep_on_exit)
 
 
 def agree_stop(local_signum: int | None, env: DistEnv) -> int:

@@ -25,6 +25,10 @@ steps so far are complete (never half-accumulated), a checkpoint of the last one
 the DataLoader workers (started with the two signals blocked) are shut down, and
 :class:`~vlkd.common.preemption.Stopped` is raised; ``vlkd-train`` exits with 128 + the signal.
 An evaluation that falls on the stopping step is left for the resumed run, which runs it first.
+``vlkd-train``, in its own process, keeps the handlers after the last step
+(``keep_signal_handlers``): a signal that comes while it writes the final model and exits is
+logged and the run ends complete (exit 0), rather than the default action killing it half-way
+through the final files.
 Time from the signal to the exit: at most the rest of one step plus the hooks of that step
 (docs/TRAIN.md, "Resuming, stopping").
 """
@@ -192,6 +196,11 @@ class Trainer:
         self.pending_eval = False
         self._signals: TrainStopSignals | None = None
         self._stop_seen: float | None = None
+        # A command (vlkd-train) sets this: the handlers stay installed after train(), so a
+        # signal that comes after the last step, while the final model is written and the
+        # process exits, is recorded (late_signals.requested) instead of killing it.
+        self.keep_signal_handlers = False
+        self.late_signals: TrainStopSignals | None = None
         # Fixed keys: every rank all-reduces the same vector, even one with no real batch.
         self._terms = [n for n, w in module.combiner.weights.items() if w != 0]
         # Values a module reports beside its loss terms (SCST's rewards), logged by their names.
@@ -278,7 +287,9 @@ class Trainer:
         self.finished = self.step >= self.total_steps  # resumed from the last checkpoint
         stop_after = self.cfg.train.stop_after
         received_at = None
-        with TrainStopSignals() as self._signals, quiet_children():
+        with TrainStopSignals(keep_on_exit=self.keep_signal_handlers) as self._signals, \
+                quiet_children():
+            self.late_signals = self._signals if self.keep_signal_handlers else None
             for h in self.hooks:
                 h.before_train(self)
             batches = self._batches()
