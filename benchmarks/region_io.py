@@ -176,19 +176,22 @@ class MemmapReader:
         self.offsets = offsets
         self.n = len(ids)
 
-    def get(self, image_id):
+    def get(self, image_id):  # the copy inline: no call between lookup and copy
         i = self.pos[image_id]
         return self.mm[self.offsets[i]:self.offsets[i + 1]].copy()
+
+    def _rows(self, r0, r1):
+        return self.mm[r0:r1].copy()
 
     def stream(self, batch):
         o = self.offsets
         for a in range(0, self.n, batch):
             b = min(self.n, a + batch)
-            block = self.mm[o[a]:o[b]].copy()
+            block = self._rows(o[a], o[b])
             yield [block[o[i] - o[a]:o[i + 1] - o[a]] for i in range(a, b)]
 
 
-class ZarrMemmapReader:
+class ZarrMemmapReader(MemmapReader):
     """np.memmap over the vlkd zarr shard's own feature bytes: the floor for reading them, as
     MemmapReader is for the HDF5 file. Read from the zarr v3 layout itself (features/zarr.json
     and each shard file's index at its end), not through vlkd's reader: every inner chunk must
@@ -207,11 +210,11 @@ class ZarrMemmapReader:
         dtype = np.dtype(meta["data_type"])
         row_bytes = dim * dtype.itemsize
         total = meta["shape"][0]
+        n_inner = shard_rows // inner
+        crc = 4 if any(c["name"] == "crc32c" for c in conf["index_codecs"]) else 0
         self.maps = []
         for k in range(-(-total // shard_rows)):
             path = arr / "c" / str(k) / "0"
-            n_inner = shard_rows // inner
-            crc = 4 if any(c["name"] == "crc32c" for c in conf["index_codecs"]) else 0
             with open(path, "rb") as f:
                 f.seek(-(16 * n_inner + crc), os.SEEK_END)
                 index = np.frombuffer(f.read(16 * n_inner), dtype="<u8").reshape(n_inner, 2)
@@ -235,13 +238,6 @@ class ZarrMemmapReader:
     def get(self, image_id):
         i = self.pos[image_id]
         return self._rows(self.offsets[i], self.offsets[i + 1])
-
-    def stream(self, batch):
-        o = self.offsets
-        for a in range(0, self.n, batch):
-            b = min(self.n, a + batch)
-            block = self._rows(o[a], o[b])
-            yield [block[o[i] - o[a]:o[i + 1] - o[a]] for i in range(a, b)]
 
 
 class VlkdReader:

@@ -4,8 +4,8 @@ on a finished demo folder (``make demo`` or ``vlkd-demo --out DIR``).
 1. **Regions against objects.** For the teacher's and the student's region sets: regions per
    image, and how often the regions above a score are exactly the scene's objects in number.
 2. **Ground-truth boxes.** A region set whose boxes are the scene's objects (their visible
-   boxes, tagged with their true shape): written as VinVL TSV files (``feature.tsv`` with an
-   8-d zero placeholder feature, ``label.tsv``, ``hw.tsv``), imported with ``vlkd-extract
+   boxes, tagged with their true shape): written as VinVL TSV files by vlkd's own writer
+   (``feature.tsv`` with an 8-d zero placeholder feature, ``label.tsv``, ``hw.tsv``), imported with ``vlkd-extract
    import-tsv`` (``gt-boxes``), and pooled by the demo's teacher detector with ``vlkd-extract
    teacher-features`` (``gt-teacher``), whose object tags are, as for every teacher-features
    set, the classes of the proposals it was pooled over: the true shapes. It is what a perfect
@@ -24,7 +24,6 @@ printed). Runs already finished there are reused.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import subprocess
@@ -38,6 +37,7 @@ import yaml
 
 from vlkd.common.machine import describe
 from vlkd.common.regionset import RegionSet
+from vlkd.data.tsv.oscar_writers import OscarTsvWriter
 
 BIN = Path(sys.executable).parent
 SHAPE_TYPE = "is there a [shape]"
@@ -91,18 +91,15 @@ def ground_truth_set(out: Path, work: Path) -> Path:
     ann, tsv = out / "data" / "annotations", work / "gt-tsv"
     tsv.mkdir(parents=True, exist_ok=True)
     classes = json.loads((out / "detectors" / "teacher" / "class_names.json").read_text())
-    with open(tsv / "feature.tsv", "w") as ff, open(tsv / "label.tsv", "w") as fl, \
-            open(tsv / "hw.tsv", "w") as fh:
+    with OscarTsvWriter(tsv, geometry=0, layout="columns") as w:  # run_vqa.py's layout
         for split in ("train", "val", "test"):
             for s in json.loads((ann / f"scenes_{split}.json").read_text()):
-                i, objs = str(s["image_id"]), s["objects"]
-                labels = [{"class": o["shape"], "conf": 1.0,
-                           "rect": [o["bbox"][0], o["bbox"][1], o["bbox"][0] + o["bbox"][2],
-                                    o["bbox"][1] + o["bbox"][3]]} for o in objs]
-                feats = np.zeros((len(objs), 8), np.float32).tobytes()
-                ff.write(f"{i}\t{len(objs)}\t{base64.b64encode(feats).decode()}\n")
-                fl.write(f"{i}\t{json.dumps(labels)}\n")
-                fh.write(f"{i}\t{json.dumps([{'height': s['height'], 'width': s['width']}])}\n")
+                objs = s["objects"]
+                boxes = np.array([[x, y, x + bw, y + bh] for x, y, bw, bh in
+                                  (o["bbox"] for o in objs)], np.float32)
+                w.write(str(s["image_id"]), (s["height"], s["width"]), boxes,
+                        np.zeros((len(objs), 8), np.float32), [o["shape"] for o in objs],
+                        scores=np.ones(len(objs), np.float32))
     (tsv / "classes.json").write_text(json.dumps(classes))
     boxes = work / "gt-boxes"
     if not (boxes / "manifest.json").is_file():

@@ -147,12 +147,13 @@ def load_model_dir(path: str | Path, overrides: dict | None = None) -> VLModel:
                       "Hugging Face BERT pass it as model.init_text with a preset model")
 
 
-def _untrained_vqa_head(model: str) -> bool:
-    """Whether ``model`` is a vlkd model directory trained for a task other than vqa (its
-    ``vlkd_train.json`` says which) and without an answer vocabulary of its own."""
+def _trained_for_other_task(model: str) -> str | None:
+    """The task a vlkd model directory was trained for (its ``vlkd_train.json``) when that is
+    not vqa and it has no answer vocabulary of its own: its VQA head never trained; else None."""
     if not _is_model_dir(model) or (Path(model) / ANSWERS_NAME).is_file():
-        return False
-    return read_meta(model).get("task") not in (None, "vqa")
+        return None
+    task = read_meta(model).get("task")
+    return task if task not in (None, "vqa") else None
 
 
 def build_model(spec: ModelSpec, *, region_dim: int, vocab_size: int,
@@ -210,21 +211,21 @@ def build_model(spec: ModelSpec, *, region_dim: int, vocab_size: int,
     if vocab_size > c.vocab_size:
         raise ConfigError(f"the tokenizer has {vocab_size} tokens but model {spec.model!r} only "
                           f"{c.vocab_size} embeddings; use the model's own tokenizer")
-    if (num_answers and "vqa" in c.heads and c.num_answers != num_answers
-            and _untrained_vqa_head(spec.model)):
+    if num_answers and "vqa" in c.heads and c.num_answers != num_answers:
+        other = _trained_for_other_task(spec.model)
+        if other is None:
+            raise ConfigError(f"model {spec.model!r} predicts {c.num_answers} answers but the "
+                              f"answer vocabulary has {num_answers}; pass the model's "
+                              "answers.txt as data.answer_vocab")
         # A model trained for another task (pre-training, captioning) carries the VQA head of
         # its initialisation, never trained: start it anew for this vocabulary, as Oscar's
         # run_vqa.py does with the classifier a pre-training checkpoint lacks.
         log.info("model %s was trained for %r, not vqa: its VQA head (%d answers, never "
-                 "trained) is initialised anew for %d answers", spec.model,
-                 read_meta(spec.model).get("task"), c.num_answers, num_answers)
+                 "trained) is initialised anew for %d answers", spec.model, other,
+                 c.num_answers, num_answers)
         c.num_answers = num_answers
         model.vqa_head = VQAHead(c)
         model.vqa_head.apply(model._init_module)
-    if num_answers and "vqa" in c.heads and c.num_answers != num_answers:
-        raise ConfigError(f"model {spec.model!r} predicts {c.num_answers} answers but the answer "
-                          f"vocabulary has {num_answers}; pass the model's answers.txt as "
-                          "data.answer_vocab")
     if num_itm_classes and "itm" in c.heads and c.num_itm_classes != num_itm_classes:
         raise ConfigError(f"model {spec.model!r} has {c.num_itm_classes} image-text matching "
                           f"outputs but task.contrast_classes is {num_itm_classes}; start the "

@@ -235,7 +235,7 @@ def _train(command: str, cfg, resume: str | None) -> None:
             log.info("done: model in %s%s", final,
                      f", best ({trainer.best['metric']} {trainer.best['value']:.4f} at step "
                      f"{trainer.best['step']}) in {run_dir / 'best'}" if trainer.best else "")
-        late = trainer.late_signals
+        late = trainer.last_signals
         if late is not None and late.requested is not None:
             log.warning("%s came after the last step: the run is complete, nothing to resume",
                         signal.Signals(late.requested).name)

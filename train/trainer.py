@@ -198,9 +198,9 @@ class Trainer:
         self._stop_seen: float | None = None
         # A command (vlkd-train) sets this: the handlers stay installed after train(), so a
         # signal that comes after the last step, while the final model is written and the
-        # process exits, is recorded (late_signals.requested) instead of killing it.
+        # process exits, is recorded (last_signals.requested) instead of killing it.
         self.keep_signal_handlers = False
-        self.late_signals: TrainStopSignals | None = None
+        self.last_signals: TrainStopSignals | None = None  # those of the last train()
         # Fixed keys: every rank all-reduces the same vector, even one with no real batch.
         self._terms = [n for n, w in module.combiner.weights.items() if w != 0]
         # Values a module reports beside its loss terms (SCST's rewards), logged by their names.
@@ -289,7 +289,7 @@ class Trainer:
         received_at = None
         with TrainStopSignals(keep_on_exit=self.keep_signal_handlers) as self._signals, \
                 quiet_children():
-            self.late_signals = self._signals if self.keep_signal_handlers else None
+            self.last_signals = self._signals
             for h in self.hooks:
                 h.before_train(self)
             batches = self._batches()
