@@ -55,6 +55,7 @@ class Stage:
     out: Path                       # the stage's own folder; .done goes there
     after: list[str] = field(default_factory=list)
     exclusive: bool = False         # runs with no other stage beside it (latency)
+    preload: bool = True            # started from the preloader (False: imports little)
     seconds: float = 0.0
     skipped: bool = False
 
@@ -74,6 +75,8 @@ class Demo:
         jobs: stages run at once (None: the config's ``jobs``; 0: one per core, at most 4).
         config: the demo config (default ``configs/demo/demo.yaml``).
         overrides: ``--set key=value`` overrides of the config.
+        preload: start stages from a process that has imported torch, transformers and
+            detectron2 once (:mod:`vlkd.demo.preload`) instead of as fresh interpreters.
         cfg: the resolved :class:`~vlkd.demo.config.DemoConfig`, saved as ``out/config.yaml``.
         scale: the size in use, ``cfg.quick`` or ``cfg.full``.
         raw, size: ``cfg`` and ``scale`` as plain dicts (read by the report and benchmarks).
@@ -84,6 +87,7 @@ class Demo:
     jobs: int | None = None
     config: Path | None = None
     overrides: tuple[str, ...] = ()
+    preload: bool = True
     log: list[Stage] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -98,6 +102,7 @@ class Demo:
         self.jobs = self.cfg.jobs or min(4, self.cores)
         self.t0 = time.time()
         self._lock = threading.Lock()
+        self.preloader = None
 
     # -------------------------------------------------------------------------------- running
     def say(self, msg: str) -> None:
@@ -107,14 +112,15 @@ class Demo:
                   flush=True)
 
     def stage(self, name: str, argv: list[str], out: Path, after: tuple[str, ...] = (),
-              exclusive: bool = False) -> str:
+              exclusive: bool = False, preload: bool = True) -> str:
         """Adds a stage that may start once the stages named in ``after`` have finished; an
-        ``exclusive`` one starts only when no other stage runs, and none starts beside it."""
+        ``exclusive`` one starts only when no other stage runs, and none starts beside it;
+        ``preload=False`` runs it as a fresh process even when the demo preloads."""
         known = {st.name for st in self.log}
         missing = [a for a in after if a not in known]
         if missing or name in known:
             raise ValueError(f"stage {name!r}: unknown dependencies {missing} or a duplicate name")
-        self.log.append(Stage(name, argv, out, list(after), exclusive))
+        self.log.append(Stage(name, argv, out, list(after), exclusive, preload=preload))
         return name
 
     def _run(self, st: Stage, threads: int) -> None:
@@ -137,11 +143,21 @@ class Demo:
                  f"log {st.out / 'stage.log'}")
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                    TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        preloaded = self.preloader is not None and st.preload
+        if preloaded and not self.preloader.ready():
+            self.say(f"{st.name}: waits for the preloader's imports")
+            self.preloader.ready(None)
         t = last = time.time()
         with open(st.out / "stage.log", "w") as logf:
             logf.write("$ " + " ".join(shlex.quote(a) for a in argv) + "\n")
-            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    env=env, text=True, bufsize=1)
+            if preloaded:
+                logf.write("# started from the preloaded process (vlkd-demo --no-preload: "
+                           "a fresh one)\n")
+                logf.flush()
+                proc = self.preloader.start(argv, env)
+            else:
+                proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        env=env, text=True, bufsize=1)
             assert proc.stdout is not None
             for line in proc.stdout:
                 logf.write(line)
@@ -174,6 +190,24 @@ class Demo:
         order = {st.name: i for i, st in enumerate(self.log)}
         stages = {st.name: st for st in self.log}
         pending = sorted(self.log, key=lambda st: (-chain[st.name], order[st.name]))
+        if self.preload and any(not st.out.joinpath(".done").exists() for st in self.log):
+            from .preload import Preloader
+            self.preloader = Preloader(dict(
+                os.environ, OMP_NUM_THREADS=str(self.cfg.threads),
+                MKL_NUM_THREADS=str(self.cfg.threads), TOKENIZERS_PARALLELISM="false",
+                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
+            self.say("preloader started: torch, transformers and detectron2 are imported once "
+                     "for the stages that start after it is ready (--no-preload: every stage "
+                     "a fresh process)")
+        try:
+            self._schedule(pending, chain, stages)
+        finally:
+            if self.preloader is not None:
+                self.preloader.close()
+                self.preloader = None
+
+    def _schedule(self, pending: list[Stage], chain: dict[str, int],
+                  stages: dict[str, Stage]) -> None:
         finished: set[str] = set()
         running: dict[str, threading.Thread] = {}
         errors: list[BaseException] = []
@@ -300,7 +334,8 @@ class Demo:
         data = o / "data"
         self.stage("data", [sys.executable, "-m", "vlkd.data.synthetic", "--out", str(data),
                             "--num-train", str(d.num_train), "--num-val", str(d.num_val),
-                            "--num-test", str(d.num_test), "--seed", str(d.seed)], data)
+                            "--num-test", str(d.num_test), "--seed", str(d.seed)], data,
+                   preload=False)   # numpy and PIL only: it runs while the preloader imports
         ann = data / "annotations"
         karpathy = ann / "dataset_coco.json"
 
@@ -472,9 +507,10 @@ class Demo:
 
 
 def run_demo(out: str, quick: bool, clean: bool = False, jobs: int | None = None,
-             config: str | None = None, overrides: tuple[str, ...] = ()) -> Path:
+             config: str | None = None, overrides: tuple[str, ...] = (),
+             preload: bool = True) -> Path:
     demo = Demo(Path(out), quick=quick, jobs=jobs, config=Path(config) if config else None,
-                overrides=tuple(overrides))
+                overrides=tuple(overrides), preload=preload)
     if clean and demo.out.exists():
         shutil.rmtree(demo.out)
     return demo.pipeline()

@@ -5,7 +5,13 @@ import sys
 
 import pytest
 
+import functools
+
 from vlkd.demo.pipeline import Demo
+
+# the scheduler's own behaviour, with plain subprocesses (tests/test_demo_preload.py and the
+# quick demo of tests/test_demo.py cover the preloaded path)
+_Demo = functools.partial(Demo, preload=False)
 
 STAGE = """
 import json, os, sys, time
@@ -26,7 +32,7 @@ def _stage(demo, tmp_path, name, after=(), sleep=0.6, rc=0, exclusive=False):
 
 
 def _diamond(tmp_path, jobs, rc_b=0):
-    demo = Demo(tmp_path / "out", jobs=jobs)
+    demo = _Demo(tmp_path / "out", jobs=jobs)
     recs = {"a": _stage(demo, tmp_path, "a")}
     recs["b"] = _stage(demo, tmp_path, "b", after=("a",), rc=rc_b, sleep=0.2 if rc_b else 0.6)
     recs["c"] = _stage(demo, tmp_path, "c", after=("a",), sleep=1.2)
@@ -81,7 +87,7 @@ def test_what_a_stage_gets_does_not_depend_on_jobs(tmp_path):
 
     # and with threads: 2 in the config, every stage gets 2 whatever --jobs is
     for jobs in (1, 2):
-        demo = Demo(tmp_path / f"t{jobs}", jobs=jobs, overrides=("threads=2",))
+        demo = _Demo(tmp_path / f"t{jobs}", jobs=jobs, overrides=("threads=2",))
         rec = _stage(demo, tmp_path / f"t{jobs}", "a", sleep=0.0)
         demo.execute()
         r = json.loads(rec.read_text())
@@ -91,7 +97,7 @@ def test_what_a_stage_gets_does_not_depend_on_jobs(tmp_path):
 def test_an_exclusive_stage_runs_alone(tmp_path):
     """The latency stage's rule: it starts only when nothing runs, and nothing starts while it
     runs, though other stages are ready and --jobs would allow them."""
-    demo = Demo(tmp_path / "out", jobs=3)
+    demo = _Demo(tmp_path / "out", jobs=3)
     recs = {"a": _stage(demo, tmp_path, "a", sleep=0.1)}
     recs["x"] = _stage(demo, tmp_path, "x", after=("a",), sleep=0.6, exclusive=True)
     for name in ("b", "c", "d"):
@@ -118,7 +124,7 @@ def test_failure_stops_new_stages_and_keeps_finished_ones(tmp_path):
 
 
 def test_unknown_dependency_and_duplicate_are_refused(tmp_path):
-    demo = Demo(tmp_path / "out", jobs=1)
+    demo = _Demo(tmp_path / "out", jobs=1)
     _stage(demo, tmp_path, "a")
     with pytest.raises(ValueError, match="unknown dependencies \\['x'\\]"):
         _stage(demo, tmp_path, "b", after=("x",))
@@ -129,7 +135,7 @@ def test_unknown_dependency_and_duplicate_are_refused(tmp_path):
 def test_demo_plan_is_a_valid_graph(tmp_path):
     """The real demo's stages: every dependency names an earlier stage, and each training
     or evaluation stage waits for what it reads."""
-    demo = Demo(tmp_path / "out", quick=True)
+    demo = _Demo(tmp_path / "out", quick=True)
     demo.plan()
     names = [s.name for s in demo.log]
     assert len(names) == len(set(names))
@@ -174,7 +180,7 @@ def test_rerun_with_other_arguments_is_refused(tmp_path):
     demo, recs = _diamond(tmp_path, jobs=2)
     demo.execute()
     before = recs["c"].read_text()
-    demo2 = Demo(tmp_path / "out", jobs=2)
+    demo2 = _Demo(tmp_path / "out", jobs=2)
     _stage(demo2, tmp_path, "a")
     _stage(demo2, tmp_path, "c", after=("a",), sleep=0.3)     # c planned differently now
     with pytest.raises(RuntimeError, match="stage c finished before with other arguments") as e:
@@ -187,17 +193,17 @@ def test_bad_demo_config_names_what_is_missing(tmp_path):
     cfg = tmp_path / "demo.yaml"
     cfg.write_text("full: {data: {num_train: 10}}\ntasks: [caption, vqa]\n")
     with pytest.raises(RuntimeError, match=r"missing quick, models, full\.detector_iters"):
-        Demo(tmp_path / "out", config=cfg)
+        _Demo(tmp_path / "out", config=cfg)
     cfg.write_text("full: [1\n")
     with pytest.raises(RuntimeError, match="not valid YAML"):
-        Demo(tmp_path / "out", config=cfg)
+        _Demo(tmp_path / "out", config=cfg)
 
 
 def test_the_head_of_the_longest_chain_starts_first(tmp_path):
     """a and b are both ready; b heads b → c → d (3 stages), so with one job b runs before a,
     though a was added first; then c (chain 2) before a (1); then a before d (both 1: the one
     added first)."""
-    demo = Demo(tmp_path / "out", jobs=1)
+    demo = _Demo(tmp_path / "out", jobs=1)
     recs = {"a": _stage(demo, tmp_path, "a", sleep=0.1)}
     recs["b"] = _stage(demo, tmp_path, "b", sleep=0.1)
     recs["c"] = _stage(demo, tmp_path, "c", after=("b",), sleep=0.1)
@@ -218,16 +224,16 @@ def test_demo_config_refuses_unknown_keys_naming_the_valid_ones(tmp_path):
     cfg.write_text(_demo_yaml().replace("  batch_size: 16", "  batch_size: 16\n  batchsize: 8"))
     with pytest.raises(RuntimeError, match=r"unknown key 'quick\.batchsize'; valid keys in "
                                            r"'quick': \['batch_size', 'data'"):
-        Demo(tmp_path / "out", config=cfg)
+        _Demo(tmp_path / "out", config=cfg)
     with pytest.raises(RuntimeError, match=r"--set quick\.step\.student=3: unknown key "
                                            r"'quick\.step'.*'steps'"):
-        Demo(tmp_path / "out", overrides=("quick.step.student=3",))
+        _Demo(tmp_path / "out", overrides=("quick.step.student=3",))
     with pytest.raises(RuntimeError, match=r"quick\.batch_size: Value 'many'"):
-        Demo(tmp_path / "out", overrides=("quick.batch_size=many",))
+        _Demo(tmp_path / "out", overrides=("quick.batch_size=many",))
     for tasks in ("[caption, captions]", "[]"):
         with pytest.raises(RuntimeError, match=r"tasks must be a non-empty subset of "
                                                r"\[caption, vqa\]"):
-            Demo(tmp_path / "out", overrides=(f"tasks={tasks}",))
+            _Demo(tmp_path / "out", overrides=(f"tasks={tasks}",))
 
 
 def test_missing_keys_filled_by_set_are_not_reported(tmp_path):
@@ -236,12 +242,12 @@ def test_missing_keys_filled_by_set_are_not_reported(tmp_path):
     with pytest.raises(RuntimeError, match=r"missing quick, full\.detector_iters, full\.steps, "
                                            r"full\.batch_size, full\.eval_max_samples, "
                                            r"models\.student, full\.data\.num_val") as e:
-        Demo(tmp_path / "out", config=cfg, overrides=("models.teacher=tiny",))
+        _Demo(tmp_path / "out", config=cfg, overrides=("models.teacher=tiny",))
     assert "models.teacher" not in str(e.value)
 
 
 def test_set_overrides_reach_the_planned_commands(tmp_path):
-    demo = Demo(tmp_path / "out", quick=True, jobs=3, overrides=(
+    demo = _Demo(tmp_path / "out", quick=True, jobs=3, overrides=(
         "quick.steps.student=7", "train.optim.lr=0.002",
         "distill_losses.losses.attention.weight=0", "tasks=[caption]"))
     assert demo.jobs == 3 and demo.cfg.jobs == 3
@@ -264,7 +270,7 @@ def test_resolved_config_is_saved_beside_the_output(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Demo, "plan", lambda self: _stage(self, tmp_path, "a", sleep=0.0))
     monkeypatch.setattr(vlkd.demo.report, "write_report", lambda demo: demo.out / "report.md")
-    demo = Demo(tmp_path / "out", jobs=1, overrides=("full.batch_size=5", "train.optim.lr=0.01"))
+    demo = _Demo(tmp_path / "out", jobs=1, overrides=("full.batch_size=5", "train.optim.lr=0.01"))
     demo.pipeline()
     saved = tmp_path / "out" / "config.yaml"
     again = load_config(saved)
@@ -280,17 +286,23 @@ def test_cli_options_set_and_jobs(tmp_path, monkeypatch):
 
     r = CliRunner().invoke(main, ["--help"])
     assert r.exit_code == 0
-    for flag in ("--out", "--quick", "--clean", "--jobs", "--config", "--set KEY=VALUE"):
+    for flag in ("--out", "--quick", "--clean", "--jobs", "--config", "--set KEY=VALUE",
+                 "--preload / --no-preload"):
         assert flag in r.output
     assert "[jobs; default: 0]" in " ".join(r.output.split())
 
     seen = {}
     monkeypatch.setattr(vlkd.demo.pipeline, "run_demo",
-                        lambda *a: seen.setdefault("args", a) and tmp_path / "report.md")
+                        lambda *a, **k: seen.setdefault("args", (a, k)) and tmp_path / "report.md")
     r = CliRunner().invoke(main, ["--out", str(tmp_path / "o"), "--jobs", "2", "--set", "a=1",
                                   "--set", "b.c=2"])
     assert r.exit_code == 0, r.output
-    assert seen["args"] == (str(tmp_path / "o"), False, False, 2, None, ("a=1", "b.c=2"))
+    assert seen["args"] == ((str(tmp_path / "o"), False, False, 2, None, ("a=1", "b.c=2")),
+                            {"preload": True})
+    seen.clear()
+    r = CliRunner().invoke(main, ["--out", str(tmp_path / "o"), "--no-preload"])
+    assert r.exit_code == 0, r.output
+    assert seen["args"][1] == {"preload": False}
 
     monkeypatch.undo()
     r = CliRunner().invoke(main, ["--out", str(tmp_path / "o"), "--set", "quick.stepz=1"])
