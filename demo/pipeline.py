@@ -60,6 +60,12 @@ class Stage:
     skipped: bool = False
 
 
+def _stage_env(threads: int) -> dict[str, str]:
+    """A stage's environment (also the preloader's, which imports what the stages use)."""
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+
+
 def _sets(keys: dict) -> list[str]:
     """``vlkd-train`` config keys as its ``--set key=value`` options."""
     return [a for k, v in keys.items() for a in ("--set", f"{k}={v}")]
@@ -141,8 +147,7 @@ class Demo:
                 for i, a in enumerate(st.argv)]
         self.say(f"{st.name}: started ({threads} thread{'s' * (threads > 1)}); "
                  f"log {st.out / 'stage.log'}")
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-                   TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        env = _stage_env(threads)
         preloaded = self.preloader is not None and st.preload
         if preloaded and not self.preloader.ready():
             self.say(f"{st.name}: waits for the preloader's imports")
@@ -192,22 +197,18 @@ class Demo:
         pending = sorted(self.log, key=lambda st: (-chain[st.name], order[st.name]))
         if self.preload and any(not st.out.joinpath(".done").exists() for st in self.log):
             from .preload import Preloader
-            self.preloader = Preloader(dict(
-                os.environ, OMP_NUM_THREADS=str(self.cfg.threads),
-                MKL_NUM_THREADS=str(self.cfg.threads), TOKENIZERS_PARALLELISM="false",
-                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
+            self.preloader = Preloader(_stage_env(self.cfg.threads))
             self.say("preloader started: torch, transformers and detectron2 are imported once "
                      "for the stages that start after it is ready (--no-preload: every stage "
                      "a fresh process)")
         try:
-            self._schedule(pending, chain, stages)
+            self._schedule(pending, stages)
         finally:
             if self.preloader is not None:
                 self.preloader.close()
                 self.preloader = None
 
-    def _schedule(self, pending: list[Stage], chain: dict[str, int],
-                  stages: dict[str, Stage]) -> None:
+    def _schedule(self, pending: list[Stage], stages: dict[str, Stage]) -> None:
         finished: set[str] = set()
         running: dict[str, threading.Thread] = {}
         errors: list[BaseException] = []
